@@ -1,0 +1,14 @@
+"""Shared test setup. TRITON_INTERPRET must be set before anything imports triton."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same torch RNG state."""
+    torch.manual_seed(0)
+    yield
