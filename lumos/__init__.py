@@ -1,0 +1,28 @@
+"""lumos: shrink scientific-ML models in one training run.
+
+Learned L0 (hard-concrete) gates decide which input features matter and how wide every layer
+should be; :func:`compact` then turns the gated model into a plain, smaller PyTorch model.
+
+    gated = lumos.gate(model, x_example, feature_names=names)
+    history = lumos.fit(gated, (x, y), val=(x_val, y_val), target=0.2)
+    small = lumos.compact(gated, x_example)
+    print(lumos.report(gated).to_markdown())
+"""
+from . import nn
+from .compact import CompactionError, TraceError, compact
+from .convert import gate
+from .gates import HardConcreteGate, clamp_gates_, gates_of
+from .model import GatedModel
+
+__all__ = [
+    "CompactionError",
+    "GatedModel",
+    "HardConcreteGate",
+    "TraceError",
+    "clamp_gates_",
+    "compact",
+    "gate",
+    "gates_of",
+    "nn",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,355 @@
+"""Compaction rules, one per op kind: how channels flow (analyze) and how the op is rebuilt (build).
+
+A rule's ``analyze(node, plan)`` gives ``node``'s output a channel space and records ties,
+production, consumption and pins on the :class:`~lumos.compact.plan.ChannelPlan`. Its
+``build(node, b)`` emits the compacted op into the :class:`~lumos.compact.build.Builder` and
+records the constant value of every dropped channel of the output (what a dropped channel
+holds in the gated model: 0 after a closed gate, ``f(0)`` after an activation...), so that a
+consumer can fold it into its bias. ``params(node, plan)`` is the parameter count of the
+compacted op, which :func:`lumos.report` predicts without building.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..nn import FeatureGate, GatedLinear
+from .modules import InputSelect, constant_like, zero_width
+from .plan import ChannelPlan
+from .trace import node_shape
+
+
+def _input_nodes(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def _broadcast_view(vector: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    return vector.reshape([-1 if d == dim else 1 for d in range(ndim)])
+
+
+class Rule:
+    """Base rule: nothing tracked, op copied as is."""
+
+    def analyze(self, node: fx.Node, plan: ChannelPlan) -> None:
+        pass
+
+    def build(self, node: fx.Node, b) -> None:
+        b.copy(node)
+
+    def params(self, node: fx.Node, plan: ChannelPlan) -> int:
+        return 0
+
+
+class GetAttr(Rule):
+    """A tensor attribute read in ``forward`` (copied; a parameter stays a parameter)."""
+
+    def params(self, node, plan):
+        obj = plan.gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj.numel() if isinstance(obj, nn.Parameter) else 0
+
+
+class Opaque(Rule):
+    """An op lumos has no rule for: its inputs and output keep every channel (safe and exact)."""
+
+    def analyze(self, node, plan):
+        for arg in _input_nodes(node):
+            if arg in plan.space_of:
+                plan.pin(plan.space_of[arg])
+                plan.consume(plan.space_of[arg])
+        if node_shape(node) is not None and len(node_shape(node)) > 0:
+            plan.pin(plan.new_space(node, -1))
+
+    def params(self, node, plan):
+        if node.op == "call_module":
+            return sum(p.numel() for p in plan.module(node).parameters())
+        return 0
+
+
+class Placeholder(Rule):
+    """A model input. The first one carries the features (``feature_dim``); inputs stay whole
+    unless ``keep_input_shape=False``, where the first one shrinks to the kept features."""
+
+    def __init__(self, feature_dim: int, keep_input_shape: bool):
+        self.feature_dim, self.keep_input_shape = feature_dim, keep_input_shape
+
+    def analyze(self, node, plan):
+        shape = node_shape(node)
+        if shape is None or len(shape) == 0:
+            return
+        first = node is next(iter(plan.gm.graph.nodes))
+        space = plan.new_space(node, self.feature_dim if first else -1)
+        if not (first and not self.keep_input_shape):
+            plan.pin(space)
+
+    def build(self, node, b):
+        b.copy(node)
+        if node in b.plan.space_of:
+            b.const[node] = torch.zeros(b.plan.space_of[node].size, dtype=torch.float64)
+
+
+class Output(Rule):
+    """The model output keeps every channel."""
+
+    def analyze(self, node, plan):
+        for arg in _input_nodes(node):
+            if arg in plan.space_of:
+                plan.pin(plan.space_of[arg])
+                plan.consume(plan.space_of[arg])
+
+
+def _eval_mask(gate, n: int) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.float64) if gate is None else gate.eval_mask().double().cpu()
+
+
+class FeatureGateRule(Rule):
+    """``x * m`` on the input features: closed features are dropped (constant 0)."""
+
+    def analyze(self, node, plan):
+        fg: FeatureGate = plan.module(node)
+        x = node.args[0]
+        in_space = plan.space_of[x]
+        kept = fg.gate.kept().cpu()
+        plan.consume(in_space, kept)
+        plan.new_space(node, in_space.dim, produced=kept)
+
+    def build(self, node, b):
+        fg: FeatureGate = b.plan.module(node)
+        x = node.args[0]
+        in_kept = b.plan.kept(b.plan.space_of[x])
+        out_space = b.plan.space_of[node]
+        out_kept = b.plan.kept(out_space)
+        # positions of the output's kept features inside the (possibly already reduced) input
+        position = torch.full((in_kept.max().item() + 1 if in_kept.numel() else 0,), -1, dtype=torch.long)
+        position[in_kept] = torch.arange(in_kept.numel())
+        index = position[out_kept]
+        scale = _eval_mask(fg.gate, fg.n_features)[out_kept].float()
+        scale = None if bool((scale == 1).all()) else scale
+        if index.numel() == in_kept.numel() and scale is None:
+            b.env[node] = b.env[x]
+        else:
+            b.env[node] = b.call_module(node.target, InputSelect(index, scale, fg.dim), (b.env[x],))
+        b.const[node] = torch.zeros(out_space.size, dtype=torch.float64)
+
+
+class LinearRule(Rule):
+    """``nn.Linear`` and :class:`lumos.nn.GatedLinear`: kept inputs select columns, kept outputs
+    rows; gate values and dropped inputs' constants fold into weight and bias."""
+
+    @staticmethod
+    def _gates(module):
+        if isinstance(module, GatedLinear):
+            return module.in_gate, module.out_gate
+        return None, None
+
+    def _input_space(self, node, plan):
+        space = plan.space_of.get(node.args[0])
+        ndim = len(node_shape(node.args[0]))
+        return space if space is not None and space.dim == ndim - 1 else None
+
+    def analyze(self, node, plan):
+        module = plan.module(node)
+        in_gate, out_gate = self._gates(module)
+        x = node.args[0]
+        if x in plan.space_of and self._input_space(node, plan) is None:
+            plan.pin(plan.space_of[x])  # channels tracked on another dim than the one we contract
+        produced = out_gate.kept().cpu() if out_gate is not None else True
+        out_space = plan.new_space(node, -1, produced=produced)
+        in_space = self._input_space(node, plan)
+        if in_space is not None:
+            open_in = in_gate.kept().cpu() if in_gate is not None else torch.ones(in_space.size, dtype=torch.bool)
+            plan.consume(in_space, lambda: open_in & bool(plan.kept_mask(out_space).any()))
+
+    def _kept_in(self, node, plan, k):
+        space = self._input_space(node, plan)
+        if space is None:
+            return torch.arange(k), torch.zeros(0, dtype=torch.long)
+        return plan.kept(space), plan.removed(space)
+
+    def params(self, node, plan):
+        module = plan.module(node)
+        kept_in, _ = self._kept_in(node, plan, module.weight.shape[1])
+        kept_out = plan.width(node)
+        if kept_out == 0 or kept_in.numel() == 0:
+            return 0
+        return kept_out * kept_in.numel() + (kept_out if module.bias is not None else 0)
+
+    def build(self, node, b):
+        module = b.plan.module(node)
+        in_gate, out_gate = self._gates(module)
+        weight = module.weight.detach().double().cpu()
+        n, k = weight.shape
+        m_in, m_out = _eval_mask(in_gate, k), _eval_mask(out_gate, n)
+        w_eff = weight * m_out[:, None] * m_in[None, :]
+        bias = module.bias.detach().double().cpu() * m_out if module.bias is not None else torch.zeros(n, dtype=torch.float64)
+        kept_in, removed_in = self._kept_in(node, b.plan, k)
+        fold = torch.zeros(n, dtype=torch.float64)
+        if removed_in.numel():
+            fold = w_eff[:, removed_in] @ b.const[node.args[0]][removed_in]
+        full_bias = bias + fold
+        b.const[node] = full_bias  # exact for closed rows (zero weights and bias); unread otherwise
+        kept_out = b.plan.kept(b.plan.space_of[node])
+        x_new = b.env[node.args[0]]
+        if kept_out.numel() == 0:
+            b.env[node] = b.call_function(zero_width, (x_new, -1))
+            return
+        if kept_in.numel() == 0:
+            value = b.add_buffer(node.target, full_bias[kept_out].to(module.weight.dtype))
+            b.env[node] = b.call_function(constant_like, (x_new, value, -1))
+            return
+        dense = nn.Linear(kept_in.numel(), kept_out.numel(), bias=module.bias is not None,
+                          device="meta")
+        dense.weight = nn.Parameter(w_eff[kept_out][:, kept_in].to(module.weight))
+        if module.bias is not None:
+            dense.bias = nn.Parameter(full_bias[kept_out].to(module.weight))
+        out = b.call_module(node.target, dense, (x_new,))
+        extra = fold[kept_out]
+        if module.bias is None and bool(extra.abs().gt(0).any()):
+            # no bias to fold into: add the dropped inputs' constant contribution as a buffer
+            out = b.call_function(operator.add, (out, b.add_buffer(node.target, extra.to(module.weight.dtype))))
+        b.env[node] = out
+
+
+class Elementwise(Rule):
+    """Activations, dropout and arithmetic: channels pass through; tensor operands of equal shape
+    (residual add, gating multiply) are tied into one group. A dropped channel's constant is the
+    op applied to the operands' constants."""
+
+    def __init__(self, call):
+        self.call = call  # call(node, plan_or_builder, args, kwargs) -> value, for constants
+
+    def analyze(self, node, plan):
+        args = _input_nodes(node)
+        shape = node_shape(node)
+        tracked = [a for a in args if a in plan.space_of and node_shape(a) == shape]
+        dims = {plan.space_of[a].dim for a in tracked}
+        if shape is None or not args or len(tracked) != len(args) or len(dims) != 1:
+            return Opaque().analyze(node, plan)
+        # tied to its operands: the group's consumers are those of the ops downstream
+        space = plan.same_space(node, tracked[0])
+        for other in tracked[1:]:
+            plan.tie(space, plan.space_of[other])
+
+    def build(self, node, b):
+        b.copy(node)
+        space = b.plan.space_of.get(node)
+        if space is None:
+            return
+        ndim = len(node_shape(node))
+        env = {a: _broadcast_view(b.const[a], ndim, space.dim) for a in _input_nodes(node)}
+        args = fx.map_arg(node.args, lambda a: env[a])
+        kwargs = fx.map_arg(node.kwargs, lambda a: env[a])
+        with torch.no_grad():
+            b.const[node] = self.call(node, b, args, kwargs).reshape(-1).double()
+
+    def params(self, node, plan):
+        return Opaque().params(node, plan)
+
+
+def _call_module(node, b, args, kwargs):
+    return copy.deepcopy(b.plan.module(node)).eval().double()(*args, **kwargs)
+
+
+def _call_function(node, b, args, kwargs):
+    return node.target(*args, **kwargs)
+
+
+def _call_method(node, b, args, kwargs):
+    return getattr(args[0], node.target)(*args[1:], **kwargs)
+
+
+class BatchNormRule(Rule):
+    """``nn.BatchNorm1d/2d/3d`` in eval: a per-channel affine map, sliced to the kept channels."""
+
+    def analyze(self, node, plan):
+        module = plan.module(node)
+        space = plan.space_of.get(node.args[0])
+        if space is None or space.dim != 1 or not module.track_running_stats:
+            return Opaque().analyze(node, plan)
+        plan.same_space(node, node.args[0])
+
+    def params(self, node, plan):
+        module = plan.module(node)
+        if node in plan.space_of and module.track_running_stats and plan.space_of[node.args[0]].dim == 1:
+            return 2 * plan.width(node) if module.affine else 0
+        return Opaque().params(node, plan)
+
+    def build(self, node, b):
+        module = b.plan.module(node)
+        if not module.track_running_stats or node not in b.plan.space_of:
+            return b.copy(node)
+        kept = b.plan.kept(b.plan.space_of[node])
+        if kept.numel() == 0:
+            b.env[node] = b.call_function(zero_width, (b.env[node.args[0]], 1))
+        else:
+            b.env[node] = b.call_module(node.target, self._sliced(module, kept), (b.env[node.args[0]],))
+        scale = (module.running_var.double().cpu() + module.eps).rsqrt()
+        const = (b.const[node.args[0]] - module.running_mean.double().cpu()) * scale
+        if module.affine:
+            const = const * module.weight.detach().double().cpu() + module.bias.detach().double().cpu()
+        b.const[node] = const
+
+    @staticmethod
+    def _sliced(module, kept):
+        new = type(module)(kept.numel(), eps=module.eps, momentum=module.momentum,
+                           affine=module.affine, track_running_stats=True,
+                           device=module.running_mean.device, dtype=module.running_mean.dtype)
+        with torch.no_grad():
+            new.running_mean.copy_(module.running_mean[kept])
+            new.running_var.copy_(module.running_var[kept])
+            new.num_batches_tracked.copy_(module.num_batches_tracked)
+            if module.affine:
+                new.weight.copy_(module.weight[kept])
+                new.bias.copy_(module.bias[kept])
+        return new
+
+
+ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Tanhshrink, nn.PReLU, nn.Identity, nn.Dropout, nn.AlphaDropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d,
+)
+ELEMENTWISE_FUNCTIONS = {
+    torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
+    torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus, F.softsign, F.hardtanh, F.hardswish,
+    F.hardsigmoid, F.dropout, torch.exp, torch.sin, torch.cos, torch.abs, torch.neg, torch.square,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div,
+}
+ELEMENTWISE_METHODS = {
+    "relu", "sigmoid", "tanh", "exp", "abs", "neg", "square", "add", "sub", "mul", "div",
+    "contiguous", "clone",
+}
+
+
+def rule_for(node: fx.Node, plan: ChannelPlan, placeholder: Placeholder) -> Rule:
+    """The rule that handles ``node`` (the table of op kinds lumos knows)."""
+    if node.op == "placeholder":
+        return placeholder
+    if node.op == "output":
+        return Output()
+    if node.op == "get_attr":
+        return GetAttr()
+    if node.op == "call_module":
+        module = plan.module(node)
+        if isinstance(module, FeatureGate):
+            return FeatureGateRule()
+        if isinstance(module, (GatedLinear, nn.Linear)):
+            return LinearRule()
+        if isinstance(module, ELEMENTWISE_MODULES) and not isinstance(module, nn.PReLU) \
+                or isinstance(module, nn.PReLU) and module.num_parameters == 1:
+            return Elementwise(_call_module)
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            return BatchNormRule()
+        return Opaque()
+    if node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS:
+        return Elementwise(_call_function)
+    if node.op == "call_method" and node.target in ELEMENTWISE_METHODS:
+        return Elementwise(_call_method)
+    return Opaque()

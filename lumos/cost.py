@@ -1,0 +1,159 @@
+"""Expected and actual cost (parameters, FLOPs) of a gated model, differentiable in its gates.
+
+Every channel group of the channel plan (see :mod:`lumos.compact.plan`) is alive with
+probability ``q = 1 - prod_g (1 - p_g)`` over the gates ``g`` that produce it (1 when an
+ungated layer produces it). A linear layer then costs ``E[in] * E[out] (+ E[out] for the bias)``
+parameters and ``2 * rows * E[in] * E[out]`` FLOPs per sample, where ``E[width]`` sums ``q``
+over the channels of its input or output. With the gates' eval masks instead of ``p_open``
+the same formulas give the cost of the compacted model.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .compact import plan_model
+from .compact.plan import ChannelPlan, Space
+from .gates import HardConcreteGate, gates_of
+from .nn import FeatureGate, GatedLinear
+
+COSTS = ("count", "params", "flops")
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, CostModel]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _LinearTerm:
+    in_roots: torch.Tensor | None  # group index of each input channel, None = not tracked
+    in_size: int
+    in_gate: HardConcreteGate | None
+    out_roots: torch.Tensor
+    bias: bool
+    rows: float  # output rows per sample (tokens, points...)
+
+
+class CostModel:
+    """Cost structure of one gated model, built once from its channel plan.
+
+    Args:
+        gated: a model from :func:`lumos.gate`.
+        example_inputs: inputs to trace with (default: the ones kept by :func:`lumos.gate`).
+    """
+
+    def __init__(self, gated: nn.Module, example_inputs=None):
+        plan, _ = plan_model(gated, example_inputs)
+        self.gates = [gate for _, gate in gates_of(gated)]
+        n_ids = len(plan._parent)
+        roots = torch.tensor([plan._find(i) for i in range(n_ids)], dtype=torch.long)
+        _, self._group = torch.unique(roots, return_inverse=True)
+        self.n_groups = int(self._group.max()) + 1 if n_ids else 0
+        self._producers: list[tuple[HardConcreteGate, torch.Tensor]] = []
+        certain = torch.zeros(self.n_groups, dtype=torch.bool)
+        self.linears: list[_LinearTerm] = []
+        self.fixed_params = 0
+        batch = self._batch(gated, example_inputs)
+        for node in plan.gm.graph.nodes:
+            space = plan.space_of.get(node)
+            module = plan.module(node) if node.op == "call_module" else None
+            if isinstance(module, (GatedLinear, FeatureGate)):
+                gate = module.out_gate if isinstance(module, GatedLinear) else module.gate
+                if gate is not None:
+                    self._producers.append((gate, self._groups(space)))
+                else:
+                    certain[self._groups(space)] = True
+            elif space is not None and plan.is_producer(space):
+                certain[self._groups(space)] = True
+            if isinstance(module, (GatedLinear, nn.Linear)):
+                self.linears.append(self._linear_term(plan, node, module, batch))
+            elif module is not None and not isinstance(module, (FeatureGate, HardConcreteGate)):
+                self.fixed_params += sum(p.numel() for p in module.parameters(recurse=False))
+        self._certain = certain
+        self.dense = {kind: float(self._cost(kind, self._dense_q(), None)) for kind in ("params", "flops")}
+        self.dense["count"] = float(sum(g.n for g in self.gates))
+
+    @staticmethod
+    def _batch(gated, example_inputs) -> int:
+        inputs = example_inputs if example_inputs is not None else getattr(gated, "example_inputs", ())
+        first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+        return first.shape[0] if first.dim() > 1 else 1
+
+    def _groups(self, space: Space) -> torch.Tensor:
+        return self._group[space.start:space.start + space.size]
+
+    def _linear_term(self, plan: ChannelPlan, node, module, batch: int) -> _LinearTerm:
+        x = node.args[0]
+        in_space = plan.space_of.get(x)
+        shape = x.meta["tensor_meta"].shape
+        if in_space is not None and in_space.dim != len(shape) - 1:
+            in_space = None
+        out_shape = node.meta["tensor_meta"].shape
+        rows = out_shape.numel() / max(out_shape[-1], 1) / batch
+        return _LinearTerm(
+            in_roots=self._groups(in_space) if in_space is not None else None,
+            in_size=module.weight.shape[1],
+            in_gate=module.in_gate if isinstance(module, GatedLinear) else None,
+            out_roots=self._groups(plan.space_of[node]),
+            bias=module.bias is not None,
+            rows=rows,
+        )
+
+    def _dense_q(self) -> torch.Tensor:
+        return torch.ones(self.n_groups)
+
+    def _q(self, deterministic: bool) -> torch.Tensor:
+        """Probability (or, deterministic, indicator) that each channel group is alive."""
+        if deterministic:
+            alive = self._certain.clone()
+            for gate, groups in self._producers:
+                alive[groups[gate.kept().cpu()]] = True
+            return alive.float()
+        log_closed = torch.zeros(self.n_groups)
+        for gate, groups in self._producers:
+            p = gate.p_open().clamp(max=1 - 1e-6)
+            log_closed = log_closed.to(p.device).index_add(0, groups.to(p.device), torch.log1p(-p))
+        q = 1 - torch.exp(log_closed)
+        return torch.where(self._certain.to(q.device), torch.ones_like(q), q)
+
+    def _cost(self, kind: str, q: torch.Tensor, deterministic: bool | None) -> torch.Tensor:
+        total = q.new_zeros(())
+        for term in self.linears:
+            e_out = q[term.out_roots.to(q.device)].sum()
+            in_q = q[term.in_roots.to(q.device)] if term.in_roots is not None else q.new_ones(term.in_size)
+            if term.in_gate is not None and deterministic is not None:
+                in_q = in_q * (term.in_gate.kept().float() if deterministic else term.in_gate.p_open())
+            e_in = in_q.sum()
+            if kind == "params":
+                total = total + e_in * e_out + (e_out if term.bias else 0)
+            else:
+                total = total + 2 * term.rows * e_in * e_out
+        if kind == "params":
+            total = total + self.fixed_params
+        return total
+
+    def expected(self, kind: str) -> torch.Tensor:
+        """Differentiable expected cost under the gates' ``p_open``."""
+        if kind == "count":
+            return sum(g.p_open().sum() for g in self.gates)
+        return self._cost(kind, self._q(False), False)
+
+    @torch.no_grad()
+    def actual(self, kind: str) -> float:
+        """Cost with the eval masks (what compaction keeps, before downstream-liveness pruning)."""
+        if kind == "count":
+            return float(sum(int(g.kept().sum()) for g in self.gates))
+        return float(self._cost(kind, self._q(True), True))
+
+
+def cost_model(gated: nn.Module) -> CostModel:
+    """The (cached) :class:`CostModel` of ``gated``."""
+    model = _CACHE.get(gated)
+    if model is None:
+        model = _CACHE[gated] = CostModel(gated)
+    return model
+
+
+def check_cost(cost: str, who: str) -> None:
+    if cost not in COSTS:
+        raise ValueError(f"{who}: `cost` must be one of {COSTS}, got {cost!r}")

@@ -1,0 +1,118 @@
+"""Learnable L0 gates: the hard-concrete distribution with semi-stochastic thresholds."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lumos_kernels import hard_concrete
+from lumos_kernels.hard_concrete import BETA, GAMMA, T_LOW, T_UP, ZETA, p_open
+
+LOG_ALPHA_MIN = math.log(1e-2)
+LOG_ALPHA_MAX = math.log(1e2)
+
+
+def _new_seed() -> int:
+    """A Philox key from torch's global RNG: ``torch.manual_seed`` (same on every DDP rank) fixes it."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+class HardConcreteGate(nn.Module):
+    r"""One learnable gate per prunable unit (feature, neuron, channel, head).
+
+    Each unit ``j`` has a logit ``log_alpha[j]``; ``pi = p_open()`` is the probability that its
+    gate is non-zero. The mask ``m`` returned by ``forward()`` is
+
+    .. math::
+        m_j = 1 \text{ if } \pi_j > t_u, \quad 0 \text{ if } \pi_j \le t_l, \quad
+        z_j \text{ otherwise}
+
+    where ``z`` is a hard-concrete sample in training and ``z_hat`` in eval. The same
+    thresholds apply in both modes, so the eval model is the model that was trained.
+
+    Args:
+        n: number of gates.
+        t_l: lower threshold on ``p_open`` (default 0.05): at or below it the gate is 0.
+        t_u: upper threshold (default 0.95): above it the gate is 1. ``t_l=0, t_u=1`` gives the
+            plain hard-concrete gate of Louizos et al.
+        beta, gamma, zeta: temperature (2/3) and stretch interval (-0.1, 1.1).
+        init_drop_rate: initial probability ``p`` of dropping a unit; ``log_alpha`` starts at
+            ``log(1 - p) - log(p)`` plus N(0, ``init_noise``) noise (LUMOS reference: 0.5, 0.01).
+        init_noise: standard deviation of that noise.
+        noise_range: ``u ~ U(r, 1 - r)`` in training (LUMOS reference code's annealed variant;
+            0 = full noise, 0.5 = deterministic). Change it during training with
+            :class:`lumos.NoiseRangeSchedule` or by assigning the attribute.
+
+    Shapes:
+        forward() returns ``(n,)``, float32 values in [0, 1].
+    """
+
+    def __init__(self, n: int, *, t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA,
+                 gamma: float = GAMMA, zeta: float = ZETA, init_drop_rate: float = 0.5,
+                 init_noise: float = 0.01, noise_range: float = 0.0, device=None):
+        super().__init__()
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"HardConcreteGate: `n` must be a positive int, got {n!r}")
+        if not 0.0 < init_drop_rate < 1.0:
+            raise ValueError(f"HardConcreteGate: `init_drop_rate` must be in (0, 1), got {init_drop_rate}")
+        if not 0.0 <= t_l < t_u <= 1.0:
+            raise ValueError(f"HardConcreteGate: need 0 <= t_l < t_u <= 1, got t_l={t_l}, t_u={t_u}")
+        self.n = n
+        self.t_l, self.t_u = float(t_l), float(t_u)
+        self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
+        self.init_drop_rate, self.init_noise = float(init_drop_rate), float(init_noise)
+        self.noise_range = float(noise_range)
+        self.log_alpha = nn.Parameter(torch.empty(n, dtype=torch.float32, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        p = self.init_drop_rate
+        with torch.no_grad():
+            self.log_alpha.normal_(math.log(1 - p) - math.log(p), self.init_noise)
+
+    def _sample(self, training: bool) -> torch.Tensor:
+        return hard_concrete(self.log_alpha, seed=_new_seed() if training else 0, offset=0,
+                             training=training, t_l=self.t_l, t_u=self.t_u, beta=self.beta,
+                             gamma=self.gamma, zeta=self.zeta, noise_range=self.noise_range)
+
+    def forward(self) -> torch.Tensor:
+        """The mask: a fresh sample in training mode, :meth:`eval_mask` in eval mode."""
+        return self._sample(self.training)
+
+    def p_open(self) -> torch.Tensor:
+        """``(n,)`` differentiable probability that each gate is non-zero (the expected L0)."""
+        return p_open(self.log_alpha, self.beta, self.gamma, self.zeta)
+
+    def z_hat(self) -> torch.Tensor:
+        """``(n,)`` deterministic gate value ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``."""
+        return (torch.sigmoid(self.log_alpha) * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def eval_mask(self) -> torch.Tensor:
+        """``(n,)`` the mask used in eval mode: thresholded ``z_hat`` (no gradient)."""
+        return self._sample(False)
+
+    @torch.no_grad()
+    def kept(self) -> torch.Tensor:
+        """``(n,)`` bool: which units survive compaction (eval mask > 0)."""
+        return self.eval_mask() > 0
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp ``log_alpha`` into [log 1e-2, log 1e2] in place (call after each optimiser step)."""
+        self.log_alpha.clamp_(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, kept={int(self.kept().sum())}/{self.n}, t_l={self.t_l}, t_u={self.t_u}"
+
+
+def gates_of(model: nn.Module) -> list[tuple[str, HardConcreteGate]]:
+    """Every gate in ``model`` with its qualified name, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, HardConcreteGate)]
+
+
+def clamp_gates_(model: nn.Module) -> None:
+    """Clamp every gate's ``log_alpha`` in ``model`` (what :func:`lumos.fit` does after each step)."""
+    for _, gate in gates_of(model):
+        gate.clamp_()

@@ -1,0 +1,64 @@
+"""GatedModel: a user's model with lumos gates, plus the example inputs it was gated with."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .nn import FeatureGate
+
+
+def as_input_tuple(example_inputs, who: str) -> tuple:
+    """Normalise ``example_inputs`` (a tensor or a tuple/list of them) to a tuple, checking it."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise TypeError(
+            f"{who}: `example_inputs` must be a tensor or a non-empty tuple of model inputs, "
+            f"got {type(example_inputs).__name__}"
+        )
+    first = example_inputs[0]
+    if not isinstance(first, torch.Tensor):
+        raise TypeError(f"{who}: the first example input must be a tensor, got {type(first).__name__}")
+    if not first.is_floating_point():
+        raise TypeError(
+            f"{who}: the first example input (the features) must be floating point, got {first.dtype}; "
+            "convert it with .float()"
+        )
+    if first.dim() == 0:
+        raise ValueError(f"{who}: the first example input must have a feature dimension, got a scalar")
+    return tuple(example_inputs)
+
+
+class GatedModel(nn.Module):
+    """The result of :func:`lumos.gate`: ``model`` (with gated layers) behind an input ``feature_gate``.
+
+    ``forward(x, *args, **kwargs)`` gates the features of ``x`` on ``feature_dim`` and calls
+    ``model``. ``example_inputs`` (kept off the state_dict) let :func:`lumos.report` and
+    :func:`lumos.compact` trace shapes without being handed inputs again.
+
+    Attributes:
+        model: the user's model, its supported layers replaced by gated ones.
+        feature_gate: :class:`lumos.nn.FeatureGate` or None.
+        feature_dim: the feature dimension of the first input.
+        skipped: qualified name -> reason, for layers left ungated.
+    """
+
+    def __init__(self, model: nn.Module, feature_gate: FeatureGate | None, feature_dim: int = -1,
+                 example_inputs: Sequence[torch.Tensor] = (), skipped: dict[str, str] | None = None):
+        super().__init__()
+        self.model = model
+        self.feature_gate = feature_gate
+        self.feature_dim = feature_dim
+        self.example_inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in example_inputs)
+        self.skipped = dict(skipped or {})
+
+    def forward(self, x, *args, **kwargs):
+        if self.feature_gate is not None:
+            x = self.feature_gate(x)
+        return self.model(x, *args, **kwargs)
+
+    @property
+    def feature_names(self) -> list[str] | None:
+        return self.feature_gate.feature_names if self.feature_gate is not None else None
