@@ -13,16 +13,26 @@ from .compact import CompactionError, TraceError, compact
 from .convert import gate
 from .gates import HardConcreteGate, clamp_gates_, gates_of
 from .model import GatedModel
+from .report import Report, report
+from .train import BudgetController, History, NoiseRangeSchedule, fit, kept_fraction, penalty
 
 __all__ = [
+    "BudgetController",
     "CompactionError",
     "GatedModel",
     "HardConcreteGate",
+    "History",
+    "NoiseRangeSchedule",
+    "Report",
     "TraceError",
     "clamp_gates_",
     "compact",
+    "fit",
     "gate",
     "gates_of",
+    "kept_fraction",
     "nn",
+    "penalty",
+    "report",
 ]
 __version__ = "0.1.0"

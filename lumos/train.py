@@ -131,8 +131,13 @@ class History:
         return [row.get(key) for row in self.epochs]
 
 
+def _is_pair(data) -> bool:
+    """(inputs, targets) tensors, as opposed to an iterable of batches."""
+    return isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+
+
 def _batches(data, batch_size: int, shuffle: bool, generator: torch.Generator | None):
-    if isinstance(data, (tuple, list)):
+    if _is_pair(data):
         x, y = data
         n = x.shape[0]
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -146,9 +151,7 @@ def _batches(data, batch_size: int, shuffle: bool, generator: torch.Generator | 
 def _check_data(data, name: str) -> None:
     if data is None:
         return
-    if isinstance(data, (tuple, list)):
-        if len(data) != 2 or not all(isinstance(t, torch.Tensor) for t in data):
-            raise TypeError(f"lumos.fit: `{name}` must be (inputs, targets) tensors or a DataLoader")
+    if _is_pair(data):
         x, y = data
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"lumos.fit: `{name}` inputs have {x.shape[0]} rows but targets {y.shape[0]}")
@@ -158,7 +161,7 @@ def _check_data(data, name: str) -> None:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 bad = (~torch.isfinite(t)).nonzero()[0].tolist()
                 raise ValueError(f"lumos.fit: `{name}` {label} contain NaN or inf (first at index {bad})")
-    elif not isinstance(data, Iterable):
+    elif not isinstance(data, Iterable) or isinstance(data, torch.Tensor):
         raise TypeError(f"lumos.fit: `{name}` must be (inputs, targets) tensors or an iterable of batches")
 
 
@@ -193,7 +196,8 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
         target: float | None = None, cost: str = "params", lam: float = 0.0,
         optimizer: torch.optim.Optimizer | None = None, patience: int | None = None,
         tolerance: float = 0.02, noise_schedule: NoiseRangeSchedule | None = None,
-        step_size: float = 0.02, gate_lr: float = 0.02, progress: bool = True, seed: int | None = 0,
+        step_size: float = 0.02, gate_lr: float = 0.02, restore_best: bool | None = None,
+        progress: bool = True, seed: int | None = 0,
         description: str = "lumos.fit") -> History:
     """Train ``model`` on ``train``, with the L0 penalty when it has gates; returns a :class:`History`.
 
@@ -210,6 +214,9 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
         patience: stop after this many epochs without a better validation loss (None: never).
         tolerance: with a ``target``, an epoch counts as best only if its kept fraction is
             at most ``target + tolerance``; the weights of the best epoch are restored at the end.
+        restore_best: load the weights of the best epoch at the end. Default: yes with a
+            ``target`` (best within budget) or for an ungated model; no for a fixed ``lam``,
+            where an early epoch would undo the pruning.
         noise_schedule: anneal the gates' noise range per epoch (LUMOS reference variant).
         step_size: dual-ascent step of the budget controller.
         gate_lr: Adam learning rate of the gate logits (they travel farther than weights).
@@ -295,7 +302,9 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
             history.stopped_early = True
             break
     bar.close()
-    if best_state is not None:
+    if restore_best is None:
+        restore_best = controller is not None or not gated
+    if restore_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return history

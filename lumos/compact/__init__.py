@@ -8,6 +8,7 @@ folds the gate values into the weights and rebuilds each layer at its new width
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -93,6 +94,11 @@ def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable = (
         raise TypeError(f"lumos.compact: `gated` must be an nn.Module, got {type(gated).__name__}")
     plan, rules = plan_model(gated, example_inputs, leaf_modules=leaf_modules,
                              keep_input_shape=keep_input_shape)
+    for node in plan.gm.graph.nodes:
+        if node.op == "call_module" and node.target == "feature_gate" and plan.width(node) == 0:
+            warnings.warn("lumos.compact: the compacted model no longer depends on its input (every input "
+                          "feature, or every unit of a layer on the input's path, is closed) and predicts "
+                          "a constant; train with a larger budget or a smaller penalty", stacklevel=2)
     inner = gated.model if isinstance(gated, GatedModel) else gated
     with torch.no_grad():
         return build(plan, rules, f"Compact{type(inner).__name__}")

@@ -38,16 +38,19 @@ class GatedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self._reset_weights()  # first, so that the weights draw the same numbers as nn.Linear's
         self.in_gate = HardConcreteGate(in_features, device=device, **gate_kwargs) if gate_in else None
         self.out_gate = HardConcreteGate(out_features, device=device, **gate_kwargs) if gate_out else None
-        self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """The initialisation of ``nn.Linear``; gates are reset to their initial logits."""
+    def _reset_weights(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
+
+    def reset_parameters(self) -> None:
+        """The initialisation of ``nn.Linear``; gates are reset to their initial logits."""
+        self._reset_weights()
         for gate in (self.in_gate, self.out_gate):
             if gate is not None:
                 gate.reset_parameters()

@@ -27,6 +27,8 @@ class Workload:
         metric_name: e.g. ``"R2"``.
         higher_is_better: direction of ``metric``.
         fit_defaults: suggested ``lumos.fit`` keyword arguments (epochs, lr, batch_size).
+        stats: standardisation statistics of the train split (e.g. ``x_mean``, ``x_scale``,
+            ``y_mean``, ``y_scale``), to map inputs and predictions back to physical units.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Workload:
     metric_name: str
     higher_is_better: bool = True
     fit_defaults: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
 
     @property
     def distractor_features(self) -> list[str]:

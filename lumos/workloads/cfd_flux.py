@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..metrics import r2_score
+
 from .base import Workload
 
 GAMMA = 1.4
@@ -53,14 +55,6 @@ def rusanov_flux(prim: torch.Tensor) -> torch.Tensor:
     s_max = torch.maximum(u_l.abs() + torch.sqrt(GAMMA * p_l / rho_l),
                           u_r.abs() + torch.sqrt(GAMMA * p_r / rho_r))
     return 0.5 * (flux_l + flux_r) - 0.5 * s_max[:, None] * (state_r - state_l)
-
-
-def _r2(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Coefficient of determination, averaged over target columns; inputs ``(n, k)``."""
-    pred, target = pred.detach().double(), target.detach().double()
-    ss_res = ((target - pred) ** 2).sum(dim=0)
-    ss_tot = ((target - target.mean(dim=0)) ** 2).sum(dim=0)
-    return float((1 - ss_res / ss_tot).mean())
 
 
 def load(n_train: int = 20000, n_val: int = 4000, n_test: int = 4000,
@@ -104,9 +98,9 @@ def load(n_train: int = 20000, n_val: int = 4000, n_test: int = 4000,
         target_names=list(TARGET_NAMES),
         make_model=make_model,
         loss_fn=nn.functional.mse_loss,
-        metric=_r2,
+        metric=r2_score,
         metric_name="R2",
         fit_defaults=dict(epochs=20, lr=1e-3, batch_size=256),
+        stats=stats,
     )
-    workload.stats = stats
     return workload

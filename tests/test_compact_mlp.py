@@ -1,0 +1,172 @@
+"""Compaction of gated MLPs: exact equality with the gated model, sizes as reported, edge cases."""
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lumos
+from lumos.compact import InputSelect
+from zoo import mlp_zoo, randomize_gates
+
+ATOL = 1e-5
+STANDARD = (nn.Linear, nn.LayerNorm, nn.BatchNorm1d, nn.ReLU, nn.SiLU, nn.GELU, nn.Tanh, nn.ELU,
+            nn.Softplus, nn.Dropout, InputSelect)
+ZOO = mlp_zoo()
+
+
+def _gated_layers(gated):
+    return [name for name, m in gated.named_modules() if isinstance(m, lumos.nn.GatedLinear)]
+
+
+@pytest.fixture(params=sorted(ZOO), ids=sorted(ZOO))
+def zoo_case(request):
+    model, x = ZOO[request.param]
+    return model, x
+
+
+@pytest.mark.parametrize("closed_layer", [None, 0, -1])
+def test_compact_equals_gated_eval(zoo_case, closed_layer):
+    model, x = zoo_case
+    gated = lumos.gate(model, x)
+    layers = _gated_layers(gated)
+    randomize_gates(gated, seed=5, fully_closed=None if closed_layer is None else layers[closed_layer])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # closing the first layer cuts the input off
+        compacted = lumos.compact(gated, x)
+    torch.testing.assert_close(compacted(x), gated.eval()(x), atol=ATOL, rtol=1e-5)
+    # a different batch shape than the one traced
+    x2 = torch.randn(3, *x.shape[1:])
+    torch.testing.assert_close(compacted(x2), gated.eval()(x2), atol=ATOL, rtol=1e-5)
+
+
+def test_compact_param_count_equals_report(zoo_case):
+    model, x = zoo_case
+    gated = lumos.gate(model, x)
+    randomize_gates(gated, seed=2)
+    compacted = lumos.compact(gated, x)
+    report = lumos.report(gated)
+    assert sum(p.numel() for p in compacted.parameters()) == report.params_after
+    assert report.params_after < report.params_before
+
+
+def test_compacted_model_holds_only_standard_modules(zoo_case):
+    model, x = zoo_case
+    gated = lumos.gate(model, x)
+    randomize_gates(gated, seed=1)
+    compacted = lumos.compact(gated, x)
+    leaves = [m for m in compacted.modules() if not list(m.children())]
+    assert all(isinstance(m, STANDARD) for m in leaves), [type(m) for m in leaves]
+    assert not any(isinstance(m, (lumos.nn.GatedLinear, lumos.HardConcreteGate)) for m in compacted.modules())
+
+
+def test_compact_shrinks_widths_to_kept_gates():
+    model, x = ZOO["relu_3hidden"]
+    gated = lumos.gate(model, x)
+    randomize_gates(gated, seed=4)
+    kept = [int(gated.get_submodule(n).out_gate.kept().sum()) for n in _gated_layers(gated)]
+    compacted = lumos.compact(gated, x)
+    widths = [m.out_features for m in compacted.modules() if isinstance(m, nn.Linear)]
+    assert widths[:-1] == kept and widths[-1] == 3
+
+
+def test_compact_leaves_gated_model_untouched():
+    model, x = ZOO["residual"]
+    gated = lumos.gate(model, x)
+    randomize_gates(gated, seed=3)
+    before = {k: v.clone() for k, v in gated.state_dict().items()}
+    gated.train()
+    lumos.compact(gated, x)
+    assert gated.training
+    for key, value in gated.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_fully_closed_feature_set_gives_constant_model_with_warning():
+    model, x = ZOO["relu_3hidden"]
+    gated = lumos.gate(model, x)
+    randomize_gates(gated, seed=0)
+    with torch.no_grad():
+        gated.feature_gate.gate.log_alpha.fill_(-8.0)
+    with pytest.warns(UserWarning, match="no longer depends on its input"):
+        compacted = lumos.compact(gated, x)
+    out = compacted(x)
+    torch.testing.assert_close(out, gated.eval()(x), atol=ATOL, rtol=1e-5)
+    assert torch.allclose(out, out[:1].expand_as(out))  # the same prediction for every row
+    assert lumos.report(gated).kept_features == []
+
+
+def test_keep_input_shape_false_takes_only_kept_columns():
+    model, x = ZOO["silu_dropout"]
+    gated = lumos.gate(model, x, feature_names=list("abcdef"))
+    randomize_gates(gated, seed=7)
+    kept = lumos.report(gated).kept_features
+    index = [list("abcdef").index(name) for name in kept]
+    compacted = lumos.compact(gated, x, keep_input_shape=False)
+    torch.testing.assert_close(compacted(x[:, index]), gated.eval()(x), atol=ATOL, rtol=1e-5)
+
+
+def test_compacted_state_dict_round_trip_and_export():
+    model, x = ZOO["norms_sigmoid"]
+    gated = lumos.gate(model, x)
+    randomize_gates(gated, seed=9)
+    compacted = lumos.compact(gated, x)
+    twin = lumos.compact(gated, x)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+    buffer = io.BytesIO()
+    torch.save(compacted.state_dict(), buffer)
+    buffer.seek(0)
+    twin.load_state_dict(torch.load(buffer))
+    torch.testing.assert_close(twin(x), compacted(x))
+    exported = torch.export.export(compacted, (x,))
+    torch.testing.assert_close(exported.module()(x), compacted(x))
+
+
+def test_gate_skips_output_layer_and_layernorm_feeder():
+    model, x = ZOO["norms_sigmoid"]
+    gated = lumos.gate(model, x)
+    assert "out" in gated.skipped and "output" in gated.skipped["out"]
+    assert "fc1" in gated.skipped and "LayerNorm" in gated.skipped["fc1"]
+    assert set(_gated_layers(gated)) == {"model.fc2", "model.fc3"}
+
+
+def test_gate_rejects_model_without_supported_layer():
+    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU())
+    with pytest.raises(ValueError, match="no layer lumos can gate.*Conv1d"):
+        lumos.gate(model, torch.randn(2, 3, 8))
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (torch.randint(0, 3, (4, 5)), TypeError, "floating point"),
+    ("not a tensor", TypeError, "example_inputs"),
+    (torch.randn(4, 7), ValueError, "example_inputs"),
+])
+def test_gate_rejects_bad_example_inputs(bad, error, match):
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 1))
+    with pytest.raises(error, match=match):
+        lumos.gate(model, bad)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if h.sum() > 0:  # Python control flow on a tensor value: fx cannot follow it
+            h = torch.relu(h)
+        return self.fc2(h)
+
+
+def test_untraceable_model_error_names_the_fix():
+    with pytest.raises(lumos.TraceError, match="leaf_modules"):
+        lumos.gate(DataDependent(), torch.randn(3, 4))
+
+
+def test_compact_rejects_non_module():
+    with pytest.raises(TypeError, match="gated"):
+        lumos.compact("model", torch.randn(2, 3))
