@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -11,7 +11,10 @@ from .compact import plan_model
 from .model import GatedModel, as_input_tuple
 from .nn import FeatureGate, GatedLinear
 
-GATEABLE = (nn.Linear,)
+# plain layer type -> function(layer, **gate_kwargs) returning its gated twin (same weights)
+GATED_LAYERS: dict[type, Callable[..., nn.Module]] = {
+    nn.Linear: GatedLinear.from_linear,
+}
 EXAMPLE_ROWS = 8  # rows of the example inputs kept on the gated model for tracing later
 
 
@@ -44,7 +47,7 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
             calls[node.target] = calls.get(node.target, 0) + 1
     chosen, skipped = [], {}
     for name, module in model.named_modules():
-        if type(module) not in GATEABLE:
+        if type(module) not in GATED_LAYERS:
             continue
         if calls.get(name, 0) == 0:
             skipped[name] = "never called in forward (or called inside a leaf module)"
@@ -77,8 +80,8 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
          leaf_modules: Iterable = (), **gate_kwargs) -> GatedModel:
     """A gated copy of ``model``: L0 gates on the widths of its layers and on its input features.
 
-    Every ``nn.Linear`` whose width can really shrink becomes a :class:`lumos.nn.GatedLinear`
-    with the same weights; layers whose output must keep every channel (the output layer, a
+    Every supported layer (``GATED_LAYERS``: ``nn.Linear`` -> :class:`lumos.nn.GatedLinear`...)
+    whose width can really shrink becomes its gated twin with the same weights; layers whose output must keep every channel (the output layer, a
     layer feeding LayerNorm) stay as they are and are listed in ``gated.skipped`` with the
     reason. ``model`` itself is not modified.
 
@@ -100,12 +103,12 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     if not isinstance(model, nn.Module):
         raise TypeError(f"lumos.gate: `model` must be a torch.nn.Module, got {type(model).__name__}")
     example_inputs = as_input_tuple(example_inputs, "lumos.gate")
-    supported = [name for name, m in model.named_modules() if type(m) in GATEABLE]
+    supported = [name for name, m in model.named_modules() if type(m) in GATED_LAYERS]
     if not supported:
         found = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
         raise ValueError(
             f"lumos.gate: {type(model).__name__} has no layer lumos can gate "
-            f"(supported: {', '.join(t.__name__ for t in GATEABLE)}; found: {', '.join(found) or 'none'})"
+            f"(supported: {', '.join(t.__name__ for t in GATED_LAYERS)}; found: {', '.join(found) or 'none'})"
         )
     first = example_inputs[0]
     if not -first.dim() <= feature_dim < first.dim():
@@ -115,7 +118,8 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     for name in chosen:
         parent_name, _, leaf = name.rpartition(".")
         parent = copied.get_submodule(parent_name) if parent_name else copied
-        setattr(parent, leaf, GatedLinear.from_linear(getattr(parent, leaf), **gate_kwargs))
+        layer = getattr(parent, leaf)
+        setattr(parent, leaf, GATED_LAYERS[type(layer)](layer, **gate_kwargs))
     feature_gate = None
     if features:
         feature_gate = FeatureGate(first.shape[feature_dim], feature_names, dim=feature_dim, **gate_kwargs)

@@ -1,10 +1,11 @@
 """Expected and actual cost (parameters, FLOPs) of a gated model, differentiable in its gates.
 
+Each compaction rule describes its layer's cost as a :class:`~lumos.compact.rules.LayerCost`.
 Every channel group of the channel plan (see :mod:`lumos.compact.plan`) is alive with
 probability ``q = 1 - prod_g (1 - p_g)`` over the gates ``g`` that produce it (1 when an
-ungated layer produces it). A linear layer then costs ``E[in] * E[out] (+ E[out] for the bias)``
-parameters and ``2 * rows * E[in] * E[out]`` FLOPs per sample, where ``E[width]`` sums ``q``
-over the channels of its input or output. With the gates' eval masks instead of ``p_open``
+ungated layer produces it). A layer then costs ``E[in] * E[out] * weight_per_pair (+ E[out]
+for the bias)`` parameters and twice that times its output positions in FLOPs per sample,
+where ``E[width]`` sums ``q`` over the channels of its input or output. With the gates' eval masks instead of ``p_open``
 the same formulas give the cost of the compacted model.
 """
 from __future__ import annotations
@@ -16,22 +17,13 @@ import torch
 from torch import nn
 
 from .compact import plan_model
-from .compact.plan import ChannelPlan, Space
+from .compact.plan import Space
+from .compact.rules import LayerCost
 from .gates import HardConcreteGate, gates_of
-from .nn import FeatureGate, GatedLinear
+from .nn import FeatureGate
 
 COSTS = ("count", "params", "flops")
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, CostModel]" = weakref.WeakKeyDictionary()
-
-
-@dataclass
-class _LinearTerm:
-    in_roots: torch.Tensor | None  # group index of each input channel, None = not tracked
-    in_size: int
-    in_gate: HardConcreteGate | None
-    out_roots: torch.Tensor
-    bias: bool
-    rows: float  # output rows per sample (tokens, points...)
 
 
 class CostModel:
@@ -43,7 +35,7 @@ class CostModel:
     """
 
     def __init__(self, gated: nn.Module, example_inputs=None):
-        plan, _ = plan_model(gated, example_inputs)
+        plan, rules = plan_model(gated, example_inputs)
         self.gates = [gate for _, gate in gates_of(gated)]
         n_ids = len(plan._parent)
         roots = torch.tensor([plan._find(i) for i in range(n_ids)], dtype=torch.long)
@@ -51,24 +43,23 @@ class CostModel:
         self.n_groups = int(self._group.max()) + 1 if n_ids else 0
         self._producers: list[tuple[HardConcreteGate, torch.Tensor]] = []
         certain = torch.zeros(self.n_groups, dtype=torch.bool)
-        self.linears: list[_LinearTerm] = []
+        self.layers: list[tuple[LayerCost, torch.Tensor | None, torch.Tensor]] = []
         self.fixed_params = 0
         batch = self._batch(gated, example_inputs)
+        for space, gate in plan.producer_gates:
+            self._producers.append((gate, self._groups(space)))
+        for space in plan.certain_spaces:
+            certain[self._groups(space)] = True
         for node in plan.gm.graph.nodes:
-            space = plan.space_of.get(node)
             module = plan.module(node) if node.op == "call_module" else None
-            if isinstance(module, (GatedLinear, FeatureGate)):
-                gate = module.out_gate if isinstance(module, GatedLinear) else module.gate
-                if gate is not None:
-                    self._producers.append((gate, self._groups(space)))
-                else:
-                    certain[self._groups(space)] = True
-            elif space is not None and plan.is_producer(space):
-                certain[self._groups(space)] = True
-            if isinstance(module, (GatedLinear, nn.Linear)):
-                self.linears.append(self._linear_term(plan, node, module, batch))
+            term = rules[node].layer_cost(node, plan)
+            if term is not None:
+                term.positions /= batch
+                in_groups = self._groups(term.in_space) if term.in_space is not None else None
+                self.layers.append((term, in_groups, self._groups(term.out_space)))
             elif module is not None and not isinstance(module, (FeatureGate, HardConcreteGate)):
-                self.fixed_params += sum(p.numel() for p in module.parameters(recurse=False))
+                self.fixed_params += sum(p.numel() for name, p in module.named_parameters()
+                                         if not name.endswith("log_alpha"))
         self._certain = certain
         self.dense = {kind: float(self._cost(kind, self._dense_q(), None)) for kind in ("params", "flops")}
         self.dense["count"] = float(sum(g.n for g in self.gates))
@@ -81,23 +72,6 @@ class CostModel:
 
     def _groups(self, space: Space) -> torch.Tensor:
         return self._group[space.start:space.start + space.size]
-
-    def _linear_term(self, plan: ChannelPlan, node, module, batch: int) -> _LinearTerm:
-        x = node.args[0]
-        in_space = plan.space_of.get(x)
-        shape = x.meta["tensor_meta"].shape
-        if in_space is not None and in_space.dim != len(shape) - 1:
-            in_space = None
-        out_shape = node.meta["tensor_meta"].shape
-        rows = out_shape.numel() / max(out_shape[-1], 1) / batch
-        return _LinearTerm(
-            in_roots=self._groups(in_space) if in_space is not None else None,
-            in_size=module.weight.shape[1],
-            in_gate=module.in_gate if isinstance(module, GatedLinear) else None,
-            out_roots=self._groups(plan.space_of[node]),
-            bias=module.bias is not None,
-            rows=rows,
-        )
 
     def _dense_q(self) -> torch.Tensor:
         return torch.ones(self.n_groups)
@@ -118,16 +92,16 @@ class CostModel:
 
     def _cost(self, kind: str, q: torch.Tensor, deterministic: bool | None) -> torch.Tensor:
         total = q.new_zeros(())
-        for term in self.linears:
-            e_out = q[term.out_roots.to(q.device)].sum()
-            in_q = q[term.in_roots.to(q.device)] if term.in_roots is not None else q.new_ones(term.in_size)
+        for term, in_groups, out_groups in self.layers:
+            e_out = q[out_groups.to(q.device)].sum()
+            in_q = q[in_groups.to(q.device)] if in_groups is not None else q.new_ones(term.in_size)
             if term.in_gate is not None and deterministic is not None:
                 in_q = in_q * (term.in_gate.kept().float() if deterministic else term.in_gate.p_open())
-            e_in = in_q.sum()
+            pairs = in_q.sum() * e_out * term.weight_per_pair
             if kind == "params":
-                total = total + e_in * e_out + (e_out if term.bias else 0)
+                total = total + pairs + (e_out if term.bias else 0)
             else:
-                total = total + 2 * term.rows * e_in * e_out
+                total = total + 2 * term.positions * pairs
         if kind == "params":
             total = total + self.fixed_params
         return total

@@ -12,10 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .compact import build, plan_model
 from .gates import HardConcreteGate
 from .model import GatedModel
-from .nn import FeatureGate, GatedLinear
-
-REPORTED_LAYERS = (GatedLinear, nn.Linear)
-
+from .nn import FeatureGate
 
 def count_params(model: nn.Module) -> int:
     """Parameters of ``model``, gate logits excluded."""
@@ -42,7 +39,7 @@ class Report:
 
     Attributes:
         features: one dict per input feature: ``name``, ``p_open``, ``kept``.
-        layers: one dict per linear layer: ``name``, ``width_before``, ``width_after``, ``gated``.
+        layers: one dict per layer with a width (linear, conv...): ``name``, ``width_before``, ``width_after``, ``gated``.
         params_before, params_after: parameters of the dense model and of the compacted one
             (predicted from the channel plan, without building it).
         flops_before, flops_after: FLOPs per input row (``torch.utils.flop_counter``).
@@ -154,9 +151,10 @@ def report(gated: nn.Module, example_inputs=None, *, leaf_modules=()) -> Report:
             p_open = module.gate.p_open().detach().cpu()
             out.features = [{"name": name, "p_open": float(p), "kept": bool(k)}
                             for name, p, k in zip(module.feature_names, p_open, kept)]
-        elif isinstance(module, REPORTED_LAYERS):
-            out.layers.append({"name": node.target, "width_before": module.weight.shape[0],
-                               "width_after": plan.width(node), "gated": isinstance(module, GatedLinear)})
+        elif rules[node].reports_width and node in plan.space_of:
+            gated_layer = any(isinstance(m, HardConcreteGate) for m in module.modules())
+            out.layers.append({"name": node.target, "width_before": plan.space_of[node].size,
+                               "width_after": plan.width(node), "gated": gated_layer})
     out.params_before = count_params(gated)
     out.params_after = sum(rules[node].params(node, plan) for node in plan.gm.graph.nodes)
     out.flops_before = count_flops(gated, inputs)

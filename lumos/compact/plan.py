@@ -48,13 +48,20 @@ class ChannelPlan:
         self._consumers: list[tuple[Space, Callable[[], torch.Tensor | bool]]] = []
         self._kept: torch.Tensor | None = None  # bool per global id, after solve()
         self._pinned_group: torch.Tensor | None = None
+        self.producer_gates: list[tuple[Space, object]] = []  # (space, gate producing it)
+        self.certain_spaces: list[Space] = []  # spaces an ungated op computes in full
 
     # -- building ---------------------------------------------------------------------------
     def module(self, node: fx.Node) -> nn.Module:
         return self.modules[node.target]
 
-    def new_space(self, node: fx.Node, dim: int, produced: bool | torch.Tensor = True) -> Space:
-        """Give ``node``'s output a fresh space on ``dim``; ``produced`` marks non-constant ids."""
+    def new_space(self, node: fx.Node, dim: int, produced: bool | torch.Tensor = True,
+                  gate=None) -> Space:
+        """Give ``node``'s output a fresh space on ``dim``; ``produced`` marks non-constant ids.
+
+        ``gate`` is the :class:`~lumos.gates.HardConcreteGate` whose eval mask gave ``produced``
+        (one gate per channel), so that the cost model can follow it differentiably.
+        """
         shape = node_shape(node)
         dim = dim % len(shape)
         size = shape[dim]
@@ -64,6 +71,10 @@ class ChannelPlan:
         self._produced.extend(flags)
         self._pinned.extend([False] * size)
         self.space_of[node] = space
+        if gate is not None:
+            self.producer_gates.append((space, gate))
+        elif produced is True:
+            self.certain_spaces.append(space)
         return space
 
     def _find(self, i: int) -> int:
@@ -144,10 +155,6 @@ class ChannelPlan:
     def removed(self, space: Space) -> torch.Tensor:
         """Long indices of the dropped channels of ``space``."""
         return (~self.kept_mask(space)).nonzero().flatten()
-
-    def is_producer(self, space: Space) -> bool:
-        """Whether the op owning ``space`` computes its channels (rather than passing them through)."""
-        return space.size > 0 and self._produced[space.start] or any(self._produced[space.start:space.start + space.size])
 
     def pinned_mask(self, space: Space) -> torch.Tensor:
         """Bool ``(size,)``: channels that must stay whatever the gates say (after :meth:`solve`)."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import operator
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ from torch import fx, nn
 
 from ..nn import FeatureGate, GatedLinear
 from .modules import InputSelect, constant_like, zero_width
-from .plan import ChannelPlan
+from .plan import ChannelPlan, Space
 from .trace import node_shape
 
 
@@ -31,8 +33,38 @@ def _broadcast_view(vector: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
     return vector.reshape([-1 if d == dim else 1 for d in range(ndim)])
 
 
+@dataclass
+class LayerCost:
+    """How a layer's size follows its input and output widths (for the differentiable penalty).
+
+    ``params = in * out * weight_per_pair (+ out if bias)``; FLOPs of one forward over the
+    traced example ``= 2 * in * out * weight_per_pair * positions`` where ``positions`` is the
+    number of output positions per channel (rows, pixels, nodes...) in that forward.
+
+    Attributes:
+        in_space: the input channels' space (None: the contracted dim is not tracked).
+        in_size: number of input channels.
+        in_gate: the layer's own input-column gate, if any.
+        out_space: the output channels' space.
+    """
+
+    in_space: Space | None
+    in_size: int
+    in_gate: object
+    out_space: Space
+    weight_per_pair: float
+    bias: bool
+    positions: float
+
+
 class Rule:
     """Base rule: nothing tracked, op copied as is."""
+
+    reports_width = False  # True for layers whose output width lumos.report lists
+
+    def layer_cost(self, node: fx.Node, plan: ChannelPlan) -> LayerCost | None:
+        """The layer's cost structure, or None when its size does not depend on gated widths."""
+        return None
 
     def analyze(self, node: fx.Node, plan: ChannelPlan) -> None:
         pass
@@ -116,7 +148,7 @@ class FeatureGateRule(Rule):
         in_space = plan.space_of[x]
         kept = fg.gate.kept().cpu()
         plan.consume(in_space, kept)
-        plan.new_space(node, in_space.dim, produced=kept)
+        plan.new_space(node, in_space.dim, produced=kept, gate=fg.gate)
 
     def build(self, node, b):
         fg: FeatureGate = b.plan.module(node)
@@ -141,6 +173,8 @@ class LinearRule(Rule):
     """``nn.Linear`` and :class:`lumos.nn.GatedLinear`: kept inputs select columns, kept outputs
     rows; gate values and dropped inputs' constants fold into weight and bias."""
 
+    reports_width = True
+
     @staticmethod
     def _gates(module):
         if isinstance(module, GatedLinear):
@@ -159,7 +193,7 @@ class LinearRule(Rule):
         if x in plan.space_of and self._input_space(node, plan) is None:
             plan.pin(plan.space_of[x])  # channels tracked on another dim than the one we contract
         produced = out_gate.kept().cpu() if out_gate is not None else True
-        out_space = plan.new_space(node, -1, produced=produced)
+        out_space = plan.new_space(node, -1, produced=produced, gate=out_gate)
         in_space = self._input_space(node, plan)
         if in_space is not None:
             open_in = in_gate.kept().cpu() if in_gate is not None else torch.ones(in_space.size, dtype=torch.bool)
@@ -170,6 +204,13 @@ class LinearRule(Rule):
         if space is None:
             return torch.arange(k), torch.zeros(0, dtype=torch.long)
         return plan.kept(space), plan.removed(space)
+
+    def layer_cost(self, node, plan):
+        module = plan.module(node)
+        out_shape = node_shape(node)
+        return LayerCost(self._input_space(node, plan), module.weight.shape[1], self._gates(module)[0],
+                         plan.space_of[node], 1.0, module.bias is not None,
+                         out_shape.numel() / max(out_shape[-1], 1))
 
     def params(self, node, plan):
         module = plan.module(node)
@@ -328,8 +369,46 @@ ELEMENTWISE_METHODS = {
 }
 
 
+# The rule table. Later registrations take precedence, so a module of op kinds (conv, attention,
+# GNN) adds its rules by calling the register_* functions at import time.
+MODULE_RULES: list[tuple[tuple[type, ...], Callable[[nn.Module], Rule]]] = []
+FUNCTION_RULES: dict[Callable, Callable[[], Rule]] = {}
+METHOD_RULES: dict[str, Callable[[], Rule]] = {}
+
+
+def register_module_rule(types: type | tuple[type, ...], factory: Callable[[nn.Module], Rule]) -> None:
+    """Handle modules of ``types`` with ``factory(module)`` (a Rule); checked before older entries."""
+    MODULE_RULES.insert(0, (types if isinstance(types, tuple) else (types,), factory))
+
+
+def register_function_rule(targets, factory: Callable[[], Rule]) -> None:
+    """Handle ``call_function`` nodes whose target is in ``targets``."""
+    for target in targets:
+        FUNCTION_RULES[target] = factory
+
+
+def register_method_rule(names, factory: Callable[[], Rule]) -> None:
+    """Handle ``call_method`` nodes (``x.name(...)``) whose name is in ``names``."""
+    for name in names:
+        METHOD_RULES[name] = factory
+
+
+def _elementwise_module(module: nn.Module) -> Rule:
+    if isinstance(module, nn.PReLU) and module.num_parameters != 1:
+        return Opaque()  # one slope per channel: not elementwise in the channel sense
+    return Elementwise(_call_module)
+
+
+register_module_rule(ELEMENTWISE_MODULES, _elementwise_module)
+register_module_rule((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), lambda m: BatchNormRule())
+register_module_rule((GatedLinear, nn.Linear), lambda m: LinearRule())
+register_module_rule(FeatureGate, lambda m: FeatureGateRule())
+register_function_rule(ELEMENTWISE_FUNCTIONS, lambda: Elementwise(_call_function))
+register_method_rule(ELEMENTWISE_METHODS, lambda: Elementwise(_call_method))
+
+
 def rule_for(node: fx.Node, plan: ChannelPlan, placeholder: Placeholder) -> Rule:
-    """The rule that handles ``node`` (the table of op kinds lumos knows)."""
+    """The rule that handles ``node``: looked up in the rule table, :class:`Opaque` otherwise."""
     if node.op == "placeholder":
         return placeholder
     if node.op == "output":
@@ -338,18 +417,12 @@ def rule_for(node: fx.Node, plan: ChannelPlan, placeholder: Placeholder) -> Rule
         return GetAttr()
     if node.op == "call_module":
         module = plan.module(node)
-        if isinstance(module, FeatureGate):
-            return FeatureGateRule()
-        if isinstance(module, (GatedLinear, nn.Linear)):
-            return LinearRule()
-        if isinstance(module, ELEMENTWISE_MODULES) and not isinstance(module, nn.PReLU) \
-                or isinstance(module, nn.PReLU) and module.num_parameters == 1:
-            return Elementwise(_call_module)
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-            return BatchNormRule()
+        for types, factory in MODULE_RULES:
+            if isinstance(module, types):
+                return factory(module)
         return Opaque()
-    if node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS:
-        return Elementwise(_call_function)
-    if node.op == "call_method" and node.target in ELEMENTWISE_METHODS:
-        return Elementwise(_call_method)
+    if node.op == "call_function" and node.target in FUNCTION_RULES:
+        return FUNCTION_RULES[node.target]()
+    if node.op == "call_method" and node.target in METHOD_RULES:
+        return METHOD_RULES[node.target]()
     return Opaque()
