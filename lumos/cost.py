@@ -37,10 +37,8 @@ class CostModel:
     def __init__(self, gated: nn.Module, example_inputs=None):
         plan, rules = plan_model(gated, example_inputs)
         self.gates = [gate for _, gate in gates_of(gated)]
-        n_ids = len(plan._parent)
-        roots = torch.tensor([plan._find(i) for i in range(n_ids)], dtype=torch.long)
-        _, self._group = torch.unique(roots, return_inverse=True)
-        self.n_groups = int(self._group.max()) + 1 if n_ids else 0
+        self._group = plan.group_index()
+        self.n_groups = int(self._group.max()) + 1 if self._group.numel() else 0
         self._producers: list[tuple[HardConcreteGate, torch.Tensor]] = []
         certain = torch.zeros(self.n_groups, dtype=torch.bool)
         self.layers: list[tuple[LayerCost, torch.Tensor | None, torch.Tensor]] = []

@@ -123,7 +123,7 @@ class ChannelPlan:
     def solve(self, max_iters: int = 1000) -> None:
         """Compute which ids are kept (module docstring), iterating consumption to a fixed point."""
         n = len(self._parent)
-        roots = torch.tensor([self._find(i) for i in range(n)], dtype=torch.long)
+        roots = self.group_index()
         produced = self._group_any(roots, torch.tensor(self._produced, dtype=torch.bool))
         pinned = self._group_any(roots, torch.tensor(self._pinned, dtype=torch.bool))
         self._kept = pinned | produced
@@ -155,6 +155,11 @@ class ChannelPlan:
     def removed(self, space: Space) -> torch.Tensor:
         """Long indices of the dropped channels of ``space``."""
         return (~self.kept_mask(space)).nonzero().flatten()
+
+    def group_index(self) -> torch.Tensor:
+        """``(num_ids,)`` long: a dense group number per channel id (tied ids share it)."""
+        roots = torch.tensor([self._find(i) for i in range(len(self._parent))], dtype=torch.long)
+        return torch.unique(roots, return_inverse=True)[1]
 
     def pinned_mask(self, space: Space) -> torch.Tensor:
         """Bool ``(size,)``: channels that must stay whatever the gates say (after :meth:`solve`)."""
