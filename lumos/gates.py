@@ -13,9 +13,12 @@ LOG_ALPHA_MIN = math.log(1e-2)
 LOG_ALPHA_MAX = math.log(1e2)
 
 
-def _new_seed() -> int:
-    """A Philox key from torch's global RNG: ``torch.manual_seed`` (same on every DDP rank) fixes it."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+def _new_seed() -> torch.Tensor:
+    """A Philox key from torch's global RNG: ``torch.manual_seed`` (same on every DDP rank) fixes it.
+
+    A tensor, not an int, so that ``torch.compile`` keeps the draw in its graph.
+    """
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
 class HardConcreteGate(nn.Module):

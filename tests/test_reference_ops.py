@@ -179,9 +179,3 @@ def test_backend_env_rejects_unknown(monkeypatch):
     monkeypatch.setenv("LUMOS_BACKEND", "cuda")
     with pytest.raises(ValueError, match="LUMOS_BACKEND"):
         masked_linear(torch.randn(2, 3), torch.randn(4, 3))
-
-
-def test_triton_backend_without_kernel_names_the_op(monkeypatch):
-    monkeypatch.setenv("LUMOS_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="masked_linear"):
-        masked_linear(torch.randn(2, 3), torch.randn(4, 3))

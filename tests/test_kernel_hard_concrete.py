@@ -1,0 +1,236 @@
+"""Triton hard_concrete vs the torch reference: mask, fused p_open sum, gradients, keying.
+
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest) with
+``LUMOS_BACKEND=triton``; the same tests run on a CUDA GPU when one is present.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lumos_kernels import dispatch, hard_concrete, hard_concrete_reference, p_open, philox_uniform
+from lumos_kernels.hard_concrete import BETA, GAMMA, ZETA, _hard_concrete_op
+
+# Tolerances, once per dtype. The kernel and the reference draw bit-identical uniforms; their
+# masks differ only by the last bits of log/sigmoid, so fp32 values agree to a few ulps.
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+}
+
+needs_interpreter = pytest.mark.skipif(
+    not dispatch.triton_interpreted(), reason="needs TRITON_INTERPRET=1 (Triton's CPU interpreter)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = [pytest.param("cpu", marks=needs_interpreter), pytest.param("cuda", marks=needs_cuda)]
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("LUMOS_BACKEND", "triton")
+
+
+def _logits(shape, device="cpu"):
+    # spread over [-5, 5]: forced-off, in-band and forced-on gates all occur
+    return (torch.rand(shape, device=device) * 10 - 5).requires_grad_()
+
+
+def _check_against_reference(log_alpha, training, noise_range=0.0, seed=123, offset=77):
+    kwargs = dict(seed=seed, offset=offset, training=training, noise_range=noise_range)
+    m, total = hard_concrete(log_alpha, **kwargs, return_p_open_sum=True)
+    m_ref = hard_concrete_reference(log_alpha, **kwargs)
+    total_ref = p_open(log_alpha).sum()
+    tol = TOL[torch.float32]
+    assert m.shape == log_alpha.shape and m.dtype == log_alpha.dtype
+    torch.testing.assert_close(m, m_ref, **tol)
+    # the gates the thresholds or the clamp force are exactly the same ones
+    assert torch.equal(m == 0, m_ref == 0)
+    assert torch.equal(m == 1, m_ref == 1)
+    torch.testing.assert_close(total, total_ref, **tol)
+    grad_m = torch.randn_like(m)
+    for weight in (0.0, 0.7):  # the task gradient alone, then with the penalty's
+        (got,) = torch.autograd.grad((m * grad_m).sum() + weight * total, log_alpha, retain_graph=True)
+        (want,) = torch.autograd.grad((m_ref * grad_m).sum() + weight * total_ref, log_alpha,
+                                      retain_graph=True)
+        torch.testing.assert_close(got, want, **tol)
+
+
+# one gate; tails around the 4096-gate interpreter block; a 2-D buffer; several programs
+SHAPES = [(1,), (7,), (4095,), (4097,), (3, 50), (10001,)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_hard_concrete_matches_reference(device, shape, training):
+    _check_against_reference(_logits(shape, device), training)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hard_concrete_noise_range_matches_reference(device):
+    _check_against_reference(_logits((5000,), device), training=True, noise_range=0.25)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hard_concrete_non_contiguous_logits(device):
+    wide = _logits((3000, 2), device)
+    strided = wide[:, 1]
+    assert not strided.is_contiguous()
+    _check_against_reference(strided, training=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hard_concrete_all_gates_forced_off(device):
+    log_alpha = torch.full((300,), -8.0, device=device, requires_grad=True)
+    m = hard_concrete(log_alpha, seed=1, training=True)
+    assert torch.equal(m, torch.zeros_like(m))
+    (grad,) = torch.autograd.grad(m.sum(), log_alpha)
+    assert torch.equal(grad, torch.zeros_like(grad))
+    _check_against_reference(log_alpha, training=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hard_concrete_same_key_same_mask_other_key_other_mask(device):
+    log_alpha = torch.zeros(5000, device=device)
+    a = hard_concrete(log_alpha, seed=3, offset=10)
+    assert torch.equal(a, hard_concrete(log_alpha, seed=3, offset=10))
+    assert not torch.equal(a, hard_concrete(log_alpha, seed=4, offset=10))
+    assert not torch.equal(a, hard_concrete(log_alpha, seed=3, offset=11))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hard_concrete_layer_views_of_a_flat_buffer_sample_the_same_gates(device):
+    """A layer sampling its slice at offset = its start gets exactly the one-launch mask."""
+    flat = torch.rand(6000, device=device) * 4 - 2
+    whole = hard_concrete(flat, seed=9, offset=0)
+    for start, stop in ((0, 1000), (1000, 1001), (1001, 6000)):
+        part = hard_concrete(flat[start:stop], seed=9, offset=start)
+        assert torch.equal(part, whole[start:stop])
+
+
+@needs_interpreter
+def test_hard_concrete_offsets_wrap_like_the_reference():
+    log_alpha = torch.zeros(100)
+    offset = 2**32 - 10  # counters wrap past 2**32 inside this launch
+    m = hard_concrete(log_alpha, seed=5, offset=offset)
+    m_ref = hard_concrete_reference(log_alpha, 5, offset, True)
+    torch.testing.assert_close(m, m_ref, **TOL[torch.float32])
+    assert torch.equal(m, hard_concrete(log_alpha, seed=5, offset=offset - 2**32))
+
+
+@needs_interpreter
+def test_tl_rand_is_bit_identical_to_philox_uniform():
+    """The kernel's noise source and the reference's are the same numbers, bit for bit."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["seed", "offset"])
+    def _uniforms(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + idx, tl.rand(seed, offset + idx), mask=idx < n)
+
+    for seed, offset in ((0, 0), (7, 123), (2**40 + 3, 2**31 - 5)):
+        out = torch.empty(3000)
+        _uniforms[(3,)](out, 3000, seed, offset - 2**32 if offset >= 2**31 else offset, BLOCK=1024)
+        assert torch.equal(out, philox_uniform(seed, offset, 3000))
+
+
+@needs_interpreter
+def test_hard_concrete_mask_frequencies_match_the_law():
+    n = 200_000
+    for value in (-0.8, 0.9):
+        m = hard_concrete(torch.full((n,), value), seed=11, training=True)
+        p0 = torch.sigmoid(torch.tensor(BETA * math.log(-GAMMA / ZETA) - value)).item()
+        p1 = 1 - torch.sigmoid(torch.tensor(BETA * math.log((1 - GAMMA) / (ZETA - 1)) - value)).item()
+        assert abs((m == 0).float().mean().item() - p0) < 5e-3  # ~5 binomial sigma
+        assert abs((m == 1).float().mean().item() - p1) < 5e-3
+
+
+@needs_interpreter
+@pytest.mark.parametrize("training", [True, False])
+def test_hard_concrete_gradcheck_float64(training):
+    """The Triton backward (mask and fused p_open sum) against finite differences."""
+    log_alpha = (torch.rand(64, dtype=torch.float64) * 2.5 - 1.5).requires_grad_()
+
+    def fn(la):
+        m, total = hard_concrete(la, seed=7, offset=3, training=training, return_p_open_sum=True)
+        return m, total
+
+    assert torch.autograd.gradcheck(fn, (log_alpha,), eps=1e-6, atol=1e-6)
+
+
+@needs_interpreter
+def test_hard_concrete_empty_buffer():
+    m, total = hard_concrete(torch.empty(0), seed=0, return_p_open_sum=True)
+    assert m.shape == (0,) and total.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize("training", [True, False])
+def test_hard_concrete_opcheck(backend, training):
+    log_alpha = _logits((40,))
+    args = (log_alpha, torch.tensor(3), 5, training, 0.05, 0.95, BETA, GAMMA, ZETA, 0.0, backend)
+    torch.library.opcheck(_hard_concrete_op, args)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+def test_hard_concrete_torch_compile_fullgraph(backend, monkeypatch):
+    """Both backends are one opaque op to torch.compile (inductor takes minutes on the Philox math)."""
+    monkeypatch.setenv("LUMOS_BACKEND", backend)
+    log_alpha = _logits((500,))
+
+    def loss(log_alpha, seed):
+        m, total = hard_concrete(log_alpha, seed=seed, offset=0, return_p_open_sum=True)
+        return (m * torch.arange(500.0)).sum() + 0.1 * total
+
+    compiled = torch.compile(loss, fullgraph=True)
+    for seed in (1, 2):
+        got = compiled(log_alpha, seed)
+        want = loss(log_alpha, seed)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
+        (g_got,) = torch.autograd.grad(got, log_alpha)
+        (g_want,) = torch.autograd.grad(want, log_alpha)
+        torch.testing.assert_close(g_got, g_want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_hard_concrete_16bit_matches_fp32_kernel(device, dtype):
+    """16-bit logits are sampled in fp32 and stored in 16 bits."""
+    log_alpha = (torch.rand(10001, device=device) * 10 - 5).to(dtype)
+    m = hard_concrete(log_alpha, seed=2, offset=1)
+    m32 = hard_concrete(log_alpha.float(), seed=2, offset=1)
+    assert m.dtype == dtype
+    torch.testing.assert_close(m32, hard_concrete_reference(log_alpha.float(), 2, 1, True), **TOL[torch.float32])
+    torch.testing.assert_close(m.float(), m32, **TOL[dtype])
+
+
+_COMPILE_CHECK = """
+import triton.language as tl
+import importlib
+from lumos_kernels import dispatch
+fwd, bwd = importlib.import_module("lumos_kernels.hard_concrete")._kernels()
+floats = ["noise_lo", "noise_scale", "t_l", "t_u", "inv_beta", "gamma", "stretch", "log_ratio",
+          "u_eps", "zeta", "scale"]
+for dt in ("fp32", "bf16"):
+    sig = {name: "fp32" for name in floats}
+    sig.update(log_alpha_ptr="*" + dt, m_ptr="*" + dt, p_open_part_ptr="*fp32", seed="i64",
+               grad_m_ptr="*" + dt, grad_sum_ptr="*" + dt, grad_ptr="*" + dt)
+    for training in (True, False):
+        dispatch.compile_for_cuda_target(fwd, sig, dict(TRAINING=training, ACC=tl.float32, BLOCK=1024))
+    dispatch.compile_for_cuda_target(bwd, sig, dict(HAS_GRAD_M=True, HAS_GRAD_SUM=True, ACC=tl.float32,
+                                                    BLOCK=1024))
+print("compiled")
+"""
+
+
+def test_hard_concrete_kernels_compile_for_a_cuda_target():
+    """Real Triton compilation to sm_80 cubins (no GPU needed): catches what the interpreter cannot."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
