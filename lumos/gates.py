@@ -67,6 +67,7 @@ class HardConcreteGate(nn.Module):
         self.init_drop_rate, self.init_noise = float(init_drop_rate), float(init_noise)
         self.noise_range = float(noise_range)
         self.log_alpha = nn.Parameter(torch.empty(n, dtype=torch.float32, device=device))
+        self._pending: torch.Tensor | None = None  # this step's mask, drawn by sample_gates()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -81,7 +82,14 @@ class HardConcreteGate(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The mask: a fresh sample in training mode, :meth:`eval_mask` in eval mode."""
+        if self.training and self._pending is not None:
+            mask, self._pending = self._pending, None
+            return mask
         return self._sample(self.training)
+
+    def _hyper(self) -> tuple:
+        return (self.t_l, self.t_u, self.beta, self.gamma, self.zeta, self.noise_range,
+                self.log_alpha.device, self.log_alpha.dtype)
 
     def p_open(self) -> torch.Tensor:
         """``(n,)`` differentiable probability that each gate is non-zero (the expected L0)."""
@@ -113,6 +121,25 @@ class HardConcreteGate(nn.Module):
 def gates_of(model: nn.Module) -> list[tuple[str, HardConcreteGate]]:
     """Every gate in ``model`` with its qualified name, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, HardConcreteGate)]
+
+
+def sample_gates(gates: list[HardConcreteGate]) -> None:
+    """Draw this training step's masks of all ``gates`` in one op call (one kernel launch on
+    CUDA) per set of shared hyper-parameters; each gate's next ``forward()`` returns its part.
+
+    The logits are concatenated into one flat buffer, the layout the fused Triton sampler
+    expects; gradients flow back to each gate's ``log_alpha`` through the concatenation.
+    """
+    groups: dict[tuple, list[HardConcreteGate]] = {}
+    for gate in gates:
+        if gate.training:
+            groups.setdefault(gate._hyper(), []).append(gate)
+    for (t_l, t_u, beta, gamma, zeta, noise_range, _, _), members in groups.items():
+        flat = torch.cat([g.log_alpha for g in members]) if len(members) > 1 else members[0].log_alpha
+        masks = hard_concrete(flat, seed=_new_seed(), offset=0, training=True, t_l=t_l, t_u=t_u,
+                              beta=beta, gamma=gamma, zeta=zeta, noise_range=noise_range)
+        for gate, mask in zip(members, masks.split([g.n for g in members])):
+            gate._pending = mask
 
 
 def clamp_gates_(model: nn.Module) -> None:

@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .gates import gates_of, sample_gates
 from .nn import FeatureGate
 
 
@@ -55,6 +56,8 @@ class GatedModel(nn.Module):
         self.skipped = dict(skipped or {})
 
     def forward(self, x, *args, **kwargs):
+        if self.training and not torch.compiler.is_compiling():
+            sample_gates([g for _, g in gates_of(self)])  # one sampling call for the whole model
         if self.feature_gate is not None:
             x = self.feature_gate(x)
         return self.model(x, *args, **kwargs)

@@ -134,9 +134,9 @@ def test_gate_skips_output_layer_and_layernorm_feeder():
 
 
 def test_gate_rejects_model_without_supported_layer():
-    model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.ReLU())
-    with pytest.raises(ValueError, match="no layer lumos can gate.*Conv1d"):
-        lumos.gate(model, torch.randn(2, 3, 8))
+    model = nn.Sequential(nn.LayerNorm(5), nn.Tanh())
+    with pytest.raises(ValueError, match="no layer lumos can gate.*LayerNorm"):
+        lumos.gate(model, torch.randn(2, 5))
 
 
 @pytest.mark.parametrize("bad, error, match", [
