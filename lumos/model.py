@@ -56,7 +56,7 @@ class GatedModel(nn.Module):
         self.skipped = dict(skipped or {})
 
     def forward(self, x, *args, **kwargs):
-        if self.training and not torch.compiler.is_compiling():
+        if self.training:
             sample_gates([g for _, g in gates_of(self)])  # one sampling call for the whole model
         if self.feature_gate is not None:
             x = self.feature_gate(x)
