@@ -67,6 +67,24 @@ def _backward(fn, leaves):
     return step
 
 
+def _timed_call(call, pas, leaves):
+    """``call`` as timed for ``pas``: under no_grad ("forward") or with the backward into ``leaves``."""
+    return _backward(call, leaves) if pas == "forward_backward" else torch.no_grad()(call)
+
+
+PASSES = pytest.mark.parametrize("pas", ["forward", "forward_backward"])
+
+
+def _op_cases(variants, shape_names, shapes, dtypes):
+    """Parametrize an op's benchmark over variant x shape x dtype x pass (ids in that order)."""
+    def decorate(test):
+        test = pytest.mark.parametrize("variant", list(variants))(test)
+        test = pytest.mark.parametrize(shape_names, shapes)(test)
+        test = pytest.mark.parametrize("dtype", dtypes, ids=str)(test)
+        return PASSES(test)
+    return decorate
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _write_gpu_results():
     yield
@@ -121,10 +139,7 @@ MASKED_LINEAR_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("pas", ["forward", "forward_backward"])
-@pytest.mark.parametrize("dtype", GEMM_DTYPES, ids=str)
-@pytest.mark.parametrize("m, n, k", GEMM_SHAPES)
-@pytest.mark.parametrize("variant", list(MASKED_LINEAR_VARIANTS))
+@_op_cases(MASKED_LINEAR_VARIANTS, "m, n, k", GEMM_SHAPES, GEMM_DTYPES)
 def test_bench_masked_linear(benchmark, variant, m, n, k, dtype, pas):
     if variant == "triton" and not CUDA:
         pytest.skip(NO_GPU)
@@ -136,12 +151,7 @@ def test_bench_masked_linear(benchmark, variant, m, n, k, dtype, pas):
     m_in = torch.rand(k, device=DEVICE, dtype=dtype, requires_grad=grad)
     m_out = torch.rand(n, device=DEVICE, dtype=dtype, requires_grad=grad)
     args = (x, w, b, m_in, m_out)
-    call = (lambda: fn(*args))
-    if grad:
-        leaves = args if variant != "plain_gemm" else (x, w, b)
-        call = _backward(call, leaves)
-    else:
-        call = torch.no_grad()(call)
+    call = _timed_call(lambda: fn(*args), pas, args if variant != "plain_gemm" else (x, w, b))
     _measure(benchmark, call, op="masked_linear", variant=variant, shape=[m, n, k], dtype=str(dtype),
              **{"pass": pas})
 
@@ -171,16 +181,12 @@ def _per_layer(flat, bounds, seed):
 HARD_CONCRETE_VARIANTS = {"one_launch": _one_launch, "per_layer_reference": _per_layer}
 
 
-@pytest.mark.parametrize("pas", ["forward", "forward_backward"])
+@PASSES
 @pytest.mark.parametrize("variant", list(HARD_CONCRETE_VARIANTS))
 def test_bench_hard_concrete(benchmark, variant, pas):
     fn = HARD_CONCRETE_VARIANTS[variant]
     flat, bounds = _layers(DEVICE)
-    call = (lambda: fn(flat, bounds, 7))
-    if pas == "forward_backward":
-        call = _backward(call, (flat,))
-    else:
-        call = torch.no_grad()(call)
+    call = _timed_call(lambda: fn(flat, bounds, 7), pas, (flat,))
     # on CPU "one_launch" is the torch backend on the flat buffer (one op call, no Triton)
     _measure(benchmark, call, op="hard_concrete", variant=variant, shape=list(GATES), dtype="torch.float32",
              **{"pass": pas})
@@ -230,10 +236,7 @@ MESSAGE_PASSING_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("pas", ["forward", "forward_backward"])
-@pytest.mark.parametrize("dtype", GRAPH_DTYPES, ids=str)
-@pytest.mark.parametrize("num_nodes, num_edges, feats", GRAPHS)
-@pytest.mark.parametrize("variant", list(MESSAGE_PASSING_VARIANTS))
+@_op_cases(MESSAGE_PASSING_VARIANTS, "num_nodes, num_edges, feats", GRAPHS, GRAPH_DTYPES)
 def test_bench_message_passing(benchmark, variant, num_nodes, num_edges, feats, dtype, pas):
     if variant == "torch_scatter_segment_csr" and not _has_torch_scatter():
         pytest.skip("torch_scatter is not installed (pip install torch-scatter)")
@@ -242,10 +245,6 @@ def test_bench_message_passing(benchmark, variant, num_nodes, num_edges, feats, 
     csr, x, emb, m = _graph_inputs(num_nodes, num_edges, feats, dtype, grad)
     dst = csr.destinations()
     csr.transposed()  # built once per graph, as a layer caches it
-    call = (lambda: fn(csr, dst, x, emb, m))
-    if grad:
-        call = _backward(call, (x, emb, m))
-    else:
-        call = torch.no_grad()(call)
+    call = _timed_call(lambda: fn(csr, dst, x, emb, m), pas, (x, emb, m))
     _measure(benchmark, call, op="message_passing", variant=variant, shape=[num_nodes, num_edges, feats],
              dtype=str(dtype), **{"pass": pas})

@@ -12,3 +12,9 @@ def _seeded():
     """Every test starts from the same torch RNG state."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Route the lumos_kernels ops to Triton (the kernel tests turn this on module-wide)."""
+    monkeypatch.setenv("LUMOS_BACKEND", "triton")

@@ -4,14 +4,12 @@ On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by conft
 ``LUMOS_BACKEND=triton``; the same tests run on a CUDA GPU when one is present.
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from lumos_kernels import dispatch, hard_concrete, hard_concrete_reference, p_open, philox_uniform
+from kernel_checks import DEVICES, assert_compiles_for_cuda_target, needs_interpreter
+from lumos_kernels import hard_concrete, hard_concrete_reference, p_open, philox_uniform
 from lumos_kernels.hard_concrete import BETA, GAMMA, ZETA, _hard_concrete_op
 
 # Tolerances, once per dtype. The kernel and the reference draw bit-identical uniforms; their
@@ -22,15 +20,7 @@ TOL = {
     torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
 }
 
-needs_interpreter = pytest.mark.skipif(
-    not dispatch.triton_interpreted(), reason="needs TRITON_INTERPRET=1 (Triton's CPU interpreter)")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-DEVICES = [pytest.param("cpu", marks=needs_interpreter), pytest.param("cuda", marks=needs_cuda)]
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    monkeypatch.setenv("LUMOS_BACKEND", "triton")
+pytestmark = pytest.mark.usefixtures("triton_backend")
 
 
 def _logits(shape, device="cpu"):
@@ -229,8 +219,4 @@ print("compiled")
 
 def test_hard_concrete_kernels_compile_for_a_cuda_target():
     """Real Triton compilation to sm_80 cubins (no GPU needed): catches what the interpreter cannot."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+    assert_compiles_for_cuda_target(_COMPILE_CHECK)
