@@ -10,10 +10,16 @@ from torch import nn
 from .compact import plan_model
 from .model import GatedModel, as_input_tuple
 from .nn import FeatureGate, GatedLinear
+from .nn import GatedGINEAggregation, GatedMultiheadAttention, GINEAggregation
+from .nn import GatedConv1d, GatedConv2d, GatedConv3d, GatedConvTranspose2d, GatedConvTranspose3d
 
 # plain layer type -> function(layer, **gate_kwargs) returning its gated twin (same weights)
 GATED_LAYERS: dict[type, Callable[..., nn.Module]] = {
     nn.Linear: GatedLinear.from_linear,
+    nn.MultiheadAttention: GatedMultiheadAttention.from_mha,
+    GINEAggregation: GatedGINEAggregation.from_aggregation,  # the aggregation inside lumos.nn.GINConv
+    nn.Conv1d: GatedConv1d.from_conv, nn.Conv2d: GatedConv2d.from_conv, nn.Conv3d: GatedConv3d.from_conv,
+    nn.ConvTranspose2d: GatedConvTranspose2d.from_conv, nn.ConvTranspose3d: GatedConvTranspose3d.from_conv,
 }
 EXAMPLE_ROWS = 8  # rows of the example inputs kept on the gated model for tracing later
 
@@ -22,6 +28,8 @@ def _example_slice(example_inputs: tuple) -> tuple:
     """A few rows of each example input (enough to trace shapes, cheap to keep)."""
     first = example_inputs[0]
     batch = first.shape[0] if first.dim() > 1 else None
+    if any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in example_inputs):
+        batch = None  # integer inputs (edge_index, a graph's batch vector) index rows: keep them all
     out = []
     for t in example_inputs:
         if isinstance(t, torch.Tensor) and batch is not None and t.dim() > 1 and t.shape[0] == batch:
@@ -49,6 +57,8 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
     for name, module in model.named_modules():
         if type(module) not in GATED_LAYERS:
             continue
+        if any(name.startswith(called + ".") for called in calls):
+            continue  # part of a layer traced whole (a GINE aggregation's edge embedding): its rule prunes it
         if calls.get(name, 0) == 0:
             skipped[name] = "never called in forward (or called inside a leaf module)"
             continue

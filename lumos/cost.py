@@ -50,12 +50,14 @@ class CostModel:
             certain[self._groups(space)] = True
         for node in plan.gm.graph.nodes:
             module = plan.module(node) if node.op == "call_module" else None
-            term = rules[node].layer_cost(node, plan)
-            if term is not None:
+            terms = rules[node].layer_cost(node, plan)  # a LayerCost, a list of them (attention), or None
+            if isinstance(terms, LayerCost):
+                terms = [terms]
+            for term in terms or ():
                 term.positions /= batch
                 in_groups = self._groups(term.in_space) if term.in_space is not None else None
                 self.layers.append((term, in_groups, self._groups(term.out_space)))
-            elif module is not None and not isinstance(module, (FeatureGate, HardConcreteGate)):
+            if terms is None and module is not None and not isinstance(module, (FeatureGate, HardConcreteGate)):
                 self.fixed_params += sum(p.numel() for name, p in module.named_parameters()
                                          if not name.endswith("log_alpha"))
         self._certain = certain

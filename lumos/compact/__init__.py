@@ -19,6 +19,8 @@ from .build import build
 from .modules import InputSelect
 from .plan import ChannelPlan
 from .rules import Placeholder, Rule, rule_for
+from . import rules_conv  # noqa: F401  (registers the conv, pooling, flatten, cat rules)
+from . import rules_gnn, rules_attention  # noqa: F401  (GINE aggregation, graph pooling, attention)
 from .trace import TraceError, propagate_shapes, trace
 
 __all__ = ["CompactionError", "InputSelect", "TraceError", "compact", "plan_model"]

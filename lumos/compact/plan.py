@@ -64,13 +64,18 @@ class ChannelPlan:
         """
         shape = node_shape(node)
         dim = dim % len(shape)
-        size = shape[dim]
+        space = self.new_ids(shape[dim], dim, produced, gate)
+        self.space_of[node] = space
+        return space
+
+    def new_ids(self, size: int, dim: int = -1, produced: bool | torch.Tensor = True, gate=None) -> Space:
+        """A fresh space of ``size`` ids that is no tensor's output: a layer's internal width
+        (attention heads, head dimensions). ``produced`` and ``gate`` as in :meth:`new_space`."""
         space = Space(len(self._parent), size, dim)
         self._parent.extend(range(space.start, space.start + size))
         flags = [bool(produced)] * size if isinstance(produced, bool) else produced.bool().cpu().tolist()
         self._produced.extend(flags)
         self._pinned.extend([False] * size)
-        self.space_of[node] = space
         if gate is not None:
             self.producer_gates.append((space, gate))
         elif produced is True:

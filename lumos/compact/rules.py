@@ -279,8 +279,8 @@ class Elementwise(Rule):
     def build(self, node, b):
         b.copy(node)
         space = b.plan.space_of.get(node)
-        if space is None:
-            return
+        if space is None or any(a not in b.const for a in _input_nodes(node)):
+            return  # kept whole (analyze fell back to Opaque, e.g. a parameter operand): no constant needed
         ndim = len(node_shape(node))
         env = {a: _broadcast_view(b.const[a], ndim, space.dim) for a in _input_nodes(node)}
         args = fx.map_arg(node.args, lambda a: env[a])

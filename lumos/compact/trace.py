@@ -12,10 +12,13 @@ class TraceError(RuntimeError):
 
 
 def lumos_leaf_types() -> tuple[type, ...]:
-    """Module types traced as single calls: gated layers and what compaction rules know whole."""
-    from ..nn import FeatureGate, GatedLinear
+    """Module types traced as single calls: every layer exported by :mod:`lumos.nn`, except
+    compositions that set ``lumos_trace_through = True`` (``GINConv``: aggregation + MLP), whose
+    parts are traced instead."""
+    from .. import nn as lumos_nn
 
-    return (GatedLinear, FeatureGate)
+    layers = (getattr(lumos_nn, name) for name in lumos_nn.__all__)
+    return tuple(t for t in layers if isinstance(t, type) and not getattr(t, "lumos_trace_through", False))
 
 
 class _Tracer(fx.Tracer):
