@@ -11,7 +11,6 @@ the same formulas give the cost of the compacted model.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import nn

@@ -11,7 +11,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .compact import build, plan_model
 from .gates import HardConcreteGate
-from .model import GatedModel
 from .nn import FeatureGate
 
 def count_params(model: nn.Module) -> int:

@@ -1,7 +1,6 @@
 """Gated convolutions and compaction of CNNs: exact equality with the gated model, sizes as
 reported, standard modules only, serialisation, training closes conv gates, and models that
 cannot shrink exactly stay whole."""
-import io
 import warnings
 
 import pytest
@@ -13,7 +12,7 @@ import lumos
 from lumos.compact import InputSelect
 from lumos.nn import (GatedConv1d, GatedConv2d, GatedConv3d, GatedConvTranspose2d,
                       GatedConvTranspose3d)
-from zoo import randomize_gates
+from zoo import assert_state_dict_round_trip, randomize_gates
 from zoo_cnn import cnn_zoo
 
 ATOL, RTOL = 1e-4, 1e-5  # float32, compacted vs gated eval
@@ -86,14 +85,7 @@ def test_compacted_model_holds_only_standard_modules(name):
 def test_compacted_state_dict_round_trip_and_export(name):
     gated, x = _gated(name, seed=9)
     compacted, twin = _compact(gated, x), _compact(gated, x)
-    with torch.no_grad():
-        for p in twin.parameters():
-            p.add_(1.0)
-    buffer = io.BytesIO()
-    torch.save(compacted.state_dict(), buffer)
-    buffer.seek(0)
-    twin.load_state_dict(torch.load(buffer))
-    torch.testing.assert_close(twin(x), compacted(x))
+    assert_state_dict_round_trip(compacted, twin, (x,))
     exported = torch.export.export(compacted, (x,))
     torch.testing.assert_close(exported.module()(x), compacted(x))
 

@@ -1,5 +1,4 @@
 """Gated GINE and multi-head attention layers, and compaction of the graph and ViT zoo models."""
-import io
 import warnings
 
 import pytest
@@ -11,7 +10,7 @@ import lumos
 from lumos.compact import CompactionError, InputSelect
 from lumos.nn import (GatedGINConv, GatedGINEAggregation, GatedMultiheadAttention, GINConv, GINEAggregation,
                       GlobalPool)
-from zoo import randomize_gates
+from zoo import assert_state_dict_round_trip, randomize_gates
 from zoo_graph_attention import EDGE_DIM, NODE_DIM, GINEMolecule, TinyViT, make_images, make_molecules
 
 ATOL, RTOL = 1e-4, 1e-4  # float32, compacted vs gated eval (issue 4 acceptance)
@@ -121,14 +120,7 @@ def test_compacted_model_holds_only_standard_modules(make):
 
 def _round_trip(gated, inputs):
     compacted, twin = _compact_quiet(gated, inputs), _compact_quiet(gated, inputs)
-    with torch.no_grad():
-        for p in twin.parameters():
-            p.add_(1.0)
-    buffer = io.BytesIO()
-    torch.save(compacted.state_dict(), buffer)
-    buffer.seek(0)
-    twin.load_state_dict(torch.load(buffer))
-    torch.testing.assert_close(twin(*inputs), compacted(*inputs))
+    assert_state_dict_round_trip(compacted, twin, inputs)
     return compacted
 
 

@@ -1,6 +1,8 @@
 """Model zoo and helpers shared by the compaction tests."""
 from __future__ import annotations
 
+import io
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,3 +82,16 @@ def randomize_gates(gated: nn.Module, closed_fraction: float = 0.5, seed: int = 
     if fully_closed is not None:
         with torch.no_grad():
             gated.get_submodule(fully_closed).out_gate.log_alpha.fill_(-8.0)
+
+
+def assert_state_dict_round_trip(compacted: nn.Module, twin: nn.Module, inputs: tuple) -> None:
+    """``compacted``'s state_dict, saved and loaded into ``twin`` (a second compaction of the same
+    gated model, perturbed here first), gives ``twin`` the same outputs."""
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(1.0)
+    buffer = io.BytesIO()
+    torch.save(compacted.state_dict(), buffer)
+    buffer.seek(0)
+    twin.load_state_dict(torch.load(buffer))
+    torch.testing.assert_close(twin(*inputs), compacted(*inputs))
