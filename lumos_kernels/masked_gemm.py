@@ -50,12 +50,19 @@ class _MaskedLinearReference(torch.autograd.Function):
     def forward(ctx, x, weight, bias, m_in, m_out):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        xm = x2 * m_in.to(x.dtype) if m_in is not None else x2
-        y = xm @ weight.t()
-        if bias is not None:
-            y = y + bias
-        if m_out is not None:
-            y = y * m_out.to(y.dtype)
+        if x2.shape[0] >= weight.shape[0]:
+            # more rows than outputs: scaling the (N, K) weight costs less than scaling x and y
+            w = weight if m_out is None else weight * m_out.to(weight.dtype)[:, None]
+            w = w if m_in is None else w * m_in.to(weight.dtype)[None, :]
+            b = bias if bias is None or m_out is None else bias * m_out.to(bias.dtype)
+            y = torch.nn.functional.linear(x2, w, b)
+        else:
+            xm = x2 * m_in.to(x.dtype) if m_in is not None else x2
+            y = xm @ weight.t()
+            if bias is not None:
+                y = y + bias
+            if m_out is not None:
+                y = y * m_out.to(y.dtype)
         ctx.save_for_backward(x2, weight, bias, m_in, m_out)
         return y.reshape(*lead, weight.shape[0])
 
