@@ -161,3 +161,40 @@ def test_untraceable_model_error_names_the_fix():
 def test_compact_rejects_non_module():
     with pytest.raises(TypeError, match="gated"):
         lumos.compact("model", torch.randn(2, 3))
+
+
+class ChannelWrite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h[:, :3] = 0.0  # in-place write into some channels
+        return self.fc2(h)
+
+
+class ChannelSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(3, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h.narrow(1, 0, 3).mul_(2.0)  # in-place on a channel slice
+        return self.fc2(h[:, 2:5])
+
+
+def test_in_place_channel_write_error_names_the_fix():
+    with pytest.raises(lumos.TraceError, match="item assignment.*leaf_modules"):
+        lumos.gate(ChannelWrite(), torch.randn(3, 4))
+
+
+def test_channel_slicing_keeps_the_sliced_layer_whole_and_exact():
+    x = torch.randn(6, 4)
+    gated = lumos.gate(ChannelSlice(), x)
+    assert "fc1" in gated.skipped and "needs every channel" in gated.skipped["fc1"]
+    randomize_gates(gated, seed=1)
+    compacted = lumos.compact(gated, x)
+    torch.testing.assert_close(compacted(x), gated.eval()(x), atol=ATOL, rtol=1e-5)
+    assert compacted.get_submodule("fc1").out_features == 8

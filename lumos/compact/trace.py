@@ -61,9 +61,9 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module | str] = ())
                 else "move the untraceable part into a submodule and name it in leaf_modules=[...]")
         raise TraceError(
             f"lumos could not trace {owner}: {type(err).__name__}: {err}. torch.fx traces "
-            "symbolically, so Python control flow on tensor values (if x.sum() > 0, loops over a "
-            f"tensor's values) cannot be followed. Workaround: {hint}; that module then keeps "
-            "all its input and output channels."
+            "symbolically, so it cannot follow Python control flow on tensor values (if x.sum() > 0, "
+            "loops over a tensor's values) nor item assignment into a tensor (x[:, :3] = 0). "
+            f"Workaround: {hint}; that module then keeps all its input and output channels."
         ) from err
     return fx.GraphModule(model, graph, type(model).__name__)
 
