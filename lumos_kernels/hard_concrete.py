@@ -106,16 +106,19 @@ class _HardConcreteReference(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range):
+        # 16-bit logits are computed in fp32 like the kernel: 1 - U_EPS rounds to 1 in fp16/bf16
+        work = log_alpha.float() if log_alpha.element_size() < 4 else log_alpha
         if training:
-            u = philox_uniform(seed, offset, log_alpha.numel(), log_alpha.device)
-            u = (noise_range + (1.0 - 2.0 * noise_range) * u).to(log_alpha.dtype).view_as(log_alpha)
+            u = philox_uniform(seed, offset, work.numel(), work.device)
+            u = (noise_range + (1.0 - 2.0 * noise_range) * u).to(work.dtype).view_as(work)
             u = u.clamp(U_EPS, 1.0 - U_EPS)
-            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / beta)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + work) / beta)
         else:
-            s = torch.sigmoid(log_alpha)
+            s = torch.sigmoid(work)
         z = (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
-        pi = p_open(log_alpha, beta, gamma, zeta)
+        pi = p_open(work, beta, gamma, zeta)
         m = torch.where(pi > t_u, torch.ones_like(z), torch.where(pi <= t_l, torch.zeros_like(z), z))
+        m = m.to(log_alpha.dtype)
         in_band = (pi > t_l) & (pi <= t_u)
         ctx.save_for_backward(m, in_band)
         # d sigmoid(t / b) / dt = s (1 - s) / b; eval uses sigmoid(log_alpha), i.e. b = 1.
