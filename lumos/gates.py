@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lumos_kernels import hard_concrete
-from lumos_kernels.hard_concrete import BETA, GAMMA, T_LOW, T_UP, ZETA, p_open
+from lumos_kernels.hard_concrete import BETA, GAMMA, T_LOW, T_UP, ZETA, check_gate_params, p_open
 
 LOG_ALPHA_MIN = math.log(1e-2)
 LOG_ALPHA_MAX = math.log(1e2)
@@ -44,11 +44,13 @@ class HardConcreteGate(nn.Module):
             ``log(1 - p) - log(p)`` plus N(0, ``init_noise``) noise (LUMOS reference: 0.5, 0.01).
         init_noise: standard deviation of that noise.
         noise_range: ``u ~ U(r, 1 - r)`` in training (LUMOS reference code's annealed variant;
-            0 = full noise, 0.5 = deterministic). Change it during training with
+            0 = full noise, 0.5 = non-random: ``sigmoid(log_alpha / beta)``, as in that code,
+            which is not ``z_hat``). Change it during training with
             :class:`lumos.NoiseRangeSchedule` or by assigning the attribute.
 
     Shapes:
-        forward() returns ``(n,)``, float32 values in [0, 1].
+        forward() returns ``(n,)`` in the dtype of ``log_alpha`` (float32 unless converted),
+        values in [0, 1].
     """
 
     def __init__(self, n: int, *, t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA,
@@ -59,8 +61,7 @@ class HardConcreteGate(nn.Module):
             raise ValueError(f"HardConcreteGate: `n` must be a positive int, got {n!r}")
         if not 0.0 < init_drop_rate < 1.0:
             raise ValueError(f"HardConcreteGate: `init_drop_rate` must be in (0, 1), got {init_drop_rate}")
-        if not 0.0 <= t_l < t_u <= 1.0:
-            raise ValueError(f"HardConcreteGate: need 0 <= t_l < t_u <= 1, got t_l={t_l}, t_u={t_u}")
+        check_gate_params(t_l, t_u, beta, gamma, zeta, noise_range)
         self.n = n
         self.t_l, self.t_u = float(t_l), float(t_u)
         self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
@@ -81,11 +82,20 @@ class HardConcreteGate(nn.Module):
                              gamma=self.gamma, zeta=self.zeta, noise_range=self.noise_range)
 
     def forward(self) -> torch.Tensor:
-        """The mask: a fresh sample in training mode, :meth:`eval_mask` in eval mode."""
+        """The mask: a fresh sample in training mode, :meth:`eval_mask` in eval mode.
+
+        Inside a :class:`lumos.GatedModel` the training mask is drawn once per step for the
+        whole model (:func:`sample_gates`) and every call in that step returns it: a layer
+        called twice, or recomputed by activation checkpointing, sees the same mask.
+        """
         if self.training and self._pending is not None:
-            mask, self._pending = self._pending, None
-            return mask
+            return self._pending
         return self._sample(self.training)
+
+    def train(self, mode: bool = True) -> "HardConcreteGate":
+        if not mode:
+            self._pending = None
+        return super().train(mode)
 
     def _hyper(self) -> tuple:
         return (self.t_l, self.t_u, self.beta, self.gamma, self.zeta, self.noise_range,

@@ -83,11 +83,3 @@ def compile_for_cuda_target(kernel, signature: dict, constexprs: dict, capabilit
     source = triton.compiler.ASTSource(fn=kernel, signature=full, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
-
-
-def triton_not_built(op: str) -> NotImplementedError:
-    """The error for an op without a Triton kernel (all current ops have one)."""
-    return NotImplementedError(
-        f"{op}: the Triton backend of this op is not built yet; "
-        "set LUMOS_BACKEND=torch to use the torch reference on any device"
-    )

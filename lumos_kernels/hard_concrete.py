@@ -90,7 +90,8 @@ def p_open(log_alpha: torch.Tensor, beta: float = BETA, gamma: float = GAMMA, ze
     return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
 
 
-def _check_params(t_l: float, t_u: float, beta: float, gamma: float, zeta: float, noise_range: float) -> None:
+def check_gate_params(t_l: float, t_u: float, beta: float, gamma: float, zeta: float, noise_range: float) -> None:
+    """Raise ValueError naming the first hard-concrete parameter out of its range."""
     if not 0.0 <= t_l < t_u <= 1.0:
         raise ValueError(f"hard_concrete: thresholds must satisfy 0 <= t_l < t_u <= 1, got t_l={t_l}, t_u={t_u}")
     if beta <= 0:
@@ -277,25 +278,25 @@ def _hard_concrete_op(log_alpha: torch.Tensor, seed: torch.Tensor, offset: int, 
         return _hard_concrete_forward_triton(log_alpha, seed, offset, training, t_l, t_u, beta, gamma,
                                              zeta, noise_range)
     m = hard_concrete_reference(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range)
-    return m, p_open(log_alpha, beta, gamma, zeta).sum()
+    return m.contiguous(), p_open(log_alpha, beta, gamma, zeta).sum()
 
 
 @_hard_concrete_op.register_fake
 def _(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range, backend):
-    return torch.empty_like(log_alpha), log_alpha.new_empty(())
+    return torch.empty_like(log_alpha, memory_format=torch.contiguous_format), log_alpha.new_empty(())
 
 
 def _hard_concrete_backward_torch(grad_m, grad_sum, log_alpha, m, training, t_l, t_u, beta, gamma, zeta):
     """The reference's backward (``_HardConcreteReference.backward``) plus the penalty term."""
     pi = p_open(log_alpha, beta, gamma, zeta)
-    grad = torch.zeros_like(log_alpha)
+    grad = torch.zeros_like(log_alpha, memory_format=torch.contiguous_format)
     if grad_m is not None:
         live = (pi > t_l) & (pi <= t_u) & (m > 0) & (m < 1)
         scale = 1.0 / ((zeta - gamma) * (beta if training else 1.0))
         grad = torch.where(live, grad_m * ((m - gamma) * (zeta - m) * scale), grad)
     if grad_sum is not None:
         grad = grad + grad_sum * pi * (1 - pi)
-    return grad
+    return grad.contiguous()
 
 
 @torch.library.custom_op("lumos::hard_concrete_backward", mutates_args=())
@@ -309,7 +310,7 @@ def _hard_concrete_backward_op(grad_m: Optional[torch.Tensor], grad_sum: Optiona
 
 @_hard_concrete_backward_op.register_fake
 def _(grad_m, grad_sum, log_alpha, m, training, t_l, t_u, beta, gamma, zeta, backend):
-    return torch.empty_like(log_alpha)
+    return torch.empty_like(log_alpha, memory_format=torch.contiguous_format)
 
 
 def _hard_concrete_setup_context(ctx, inputs, output):
@@ -357,7 +358,7 @@ def hard_concrete(log_alpha: torch.Tensor, seed: int | torch.Tensor, offset: int
     if not isinstance(log_alpha, torch.Tensor):
         raise TypeError(f"{op}: `log_alpha` must be a tensor, got {type(log_alpha).__name__}")
     dispatch.check_float(op, "log_alpha", log_alpha)
-    _check_params(t_l, t_u, beta, gamma, zeta, noise_range)
+    check_gate_params(t_l, t_u, beta, gamma, zeta, noise_range)
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.is_floating_point():
             raise TypeError(f"{op}: `seed` must be an int or a one-element integer tensor, got {seed.dtype} "

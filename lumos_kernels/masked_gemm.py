@@ -70,6 +70,10 @@ class _MaskedLinearReference(torch.autograd.Function):
     def backward(ctx, grad_y):
         x2, weight, bias, m_in, m_out = ctx.saved_tensors
         need_x, need_w, need_b, need_in, need_out = ctx.needs_input_grad
+        gate_dtypes = (None if m_in is None else m_in.dtype, None if m_out is None else m_out.dtype)
+        # fp32 gates on a 16-bit layer: the products run in the layer's dtype, as in the forward
+        m_in = None if m_in is None else m_in.to(weight.dtype)
+        m_out = None if m_out is None else m_out.to(weight.dtype)
         g = grad_y.reshape(-1, weight.shape[0])
         g_gated = g * m_out if m_out is not None else g
         dx = dw = db = dm_in = dm_out = None
@@ -96,6 +100,8 @@ class _MaskedLinearReference(torch.autograd.Function):
                     dm_out = dm_out + bias * g.sum(0)
         if need_b:
             db = g_gated.sum(0)
+        dm_in = None if dm_in is None else dm_in.to(gate_dtypes[0])
+        dm_out = None if dm_out is None else dm_out.to(gate_dtypes[1])
         return dx, dw, db, dm_in, dm_out
 
 
@@ -293,10 +299,15 @@ def _acc_and_precision(dtype: torch.dtype):
     return tl.float32, "tf32"  # ignored by tl.dot for 16-bit inputs
 
 
+def _contiguous(vector: torch.Tensor | None) -> torch.Tensor | None:
+    return None if vector is None else vector.contiguous()
+
+
 def _gated_gemm(a, b, g_k, bias, g_n, out):
     """``out = ((a @ (b * g_k).T) + bias) * g_n`` for 2-D strided ``a`` (M, K), ``b`` (N, K)."""
     m, k = a.shape
     n = b.shape[0]
+    g_k, bias, g_n = _contiguous(g_k), _contiguous(bias), _contiguous(g_n)  # 1-D loads use no stride
     kernel, _, tuned, _ = _kernels()
     acc, precision = _acc_and_precision(a.dtype)
     args = (a, b, g_k if g_k is not None else a, bias if bias is not None else a,
@@ -387,6 +398,7 @@ def _degenerate_grads(grad_y, inputs, needs):
 def _dw_and_gate_grads(g, x2, weight, bias, m_in, m_out, need_w, need_b, need_m_in, need_m_out, split_m):
     m, k = x2.shape
     n = weight.shape[0]
+    bias, m_in, m_out = _contiguous(bias), _contiguous(m_in), _contiguous(m_out)  # 1-D loads use no stride
     _, kernel, _, tuned = _kernels()
     acc, precision = _acc_and_precision(x2.dtype)
     part_dtype = torch.float64 if x2.dtype == torch.float64 else torch.float32
@@ -468,8 +480,8 @@ def _masked_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: to
 def _(grad_y, x, weight, bias, m_in, m_out, need_x, need_w, need_b, need_m_in, need_m_out):
     like = (x, weight, bias, m_in, m_out)
     needs = (need_x, need_w, need_b, need_m_in, need_m_out)
-    return [torch.empty_like(t) if (need and t is not None) else x.new_empty(0)
-            for t, need in zip(like, needs)]
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if (need and t is not None)
+            else x.new_empty(0) for t, need in zip(like, needs)]
 
 
 def _masked_linear_setup_context(ctx, inputs, output):

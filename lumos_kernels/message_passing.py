@@ -137,7 +137,7 @@ def _reference_aggregate(x, rowptr, col, edge_emb, eps):
 
 def _reference_grads(grad_out, x, col, dst, positive, m, eps, h, need_x, need_emb, need_m, need_eps):
     """The explicit gradients of the module docstring: ``(dx, d_emb, dm, d_eps)``, None if unneeded."""
-    g_gated = grad_out * m if m is not None else grad_out
+    g_gated = grad_out * m.to(grad_out.dtype) if m is not None else grad_out
     g_edge = g_gated[dst] * positive
     dx = d_emb = dm = d_eps = None
     if need_x:
@@ -158,7 +158,7 @@ class _MessagePassingReference(torch.autograd.Function):
     def forward(ctx, x, rowptr, col, edge_emb, m, eps):
         h, dst, positive = _reference_aggregate(x, rowptr, col, edge_emb, eps)
         ctx.save_for_backward(x, col, dst, positive, m, eps, h)
-        return h * m if m is not None else h
+        return h * m.to(h.dtype) if m is not None else h
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -196,10 +196,13 @@ def check_message_passing_args(x, rowptr, col, edge_emb, m, eps) -> None:
             f"{op}: `edge_emb` must be (E, F) = ({col.numel()}, {x.shape[1]}) in destination-sorted "
             f"edge order, got {tuple(edge_emb.shape)}"
         )
+    if edge_emb.dtype != x.dtype:
+        raise TypeError(f"{op}: `edge_emb` must have the dtype of `x` ({x.dtype}), got {edge_emb.dtype}")
     dispatch.check_vector(op, "m", m, x.shape[1], "one gate per feature column")
     if isinstance(eps, torch.Tensor) and eps.numel() != 1:
         raise ValueError(f"{op}: `eps` must be a scalar, got shape {tuple(eps.shape)}")
-    dispatch.check_same_device(op, x=x, rowptr=rowptr, col=col, edge_emb=edge_emb, m=m)
+    dispatch.check_same_device(op, x=x, rowptr=rowptr, col=col, edge_emb=edge_emb, m=m,
+                               eps=eps if isinstance(eps, torch.Tensor) else None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -333,6 +336,7 @@ def _message_passing_forward_triton(x, rowptr, col, edge_emb, m, eps):
     if x.numel() == 0:
         return out
     x = x.contiguous()
+    m = m.contiguous() if m is not None else None  # 1-D loads use no stride
     grid, meta = _launch_params(x)
     fwd, _, _ = _kernels()
     fwd[grid](x, rowptr.contiguous(), _nonempty(col.contiguous(), rowptr),
@@ -351,6 +355,7 @@ def _message_passing_backward_triton(grad, x, rowptr, col, edge_emb, m, eps, row
     x = x.contiguous()
     grad = grad.contiguous()
     rowptr = rowptr.contiguous()
+    m = m.contiguous() if m is not None else None  # 1-D loads use no stride
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     grid, meta = _launch_params(x)
     _, bwd_dst, bwd_src = _kernels()
@@ -402,7 +407,7 @@ def _message_passing_op(x: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor
     h, dst, positive = _reference_aggregate(x, rowptr, col, edge_emb, eps)
     if m is None:  # h is only needed for dm; outputs must not alias each other
         return h, x.new_empty(0), dst, positive
-    return h * m, h, dst, positive
+    return h * m.to(h.dtype), h, dst, positive
 
 
 @_message_passing_op.register_fake

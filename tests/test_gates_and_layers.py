@@ -107,3 +107,41 @@ def test_gated_model_state_dict_round_trip():
     fresh.load_state_dict(torch.load(buffer))
     torch.testing.assert_close(fresh.eval()(x), gated.eval()(x))
     assert lumos.report(fresh).kept_features == lumos.report(gated).kept_features
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_gated_linear_trains_with_fp32_gates(dtype):
+    layer = GatedLinear(6, 4, gate_in=True, dtype=dtype)
+    x = torch.randn(5, 6, dtype=dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    assert layer.weight.grad.dtype == dtype
+    assert layer.out_gate.log_alpha.grad.dtype == torch.float32
+    assert layer.in_gate.log_alpha.grad.dtype == torch.float32
+
+
+def test_mask_is_drawn_once_per_step_so_checkpointing_recomputes_the_same():
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1))
+    x = torch.randn(8, 5)
+    gated = lumos.gate(model, x).train()
+    layer = gated.model[0]
+
+    def run(checkpointed: bool):
+        gated.zero_grad()
+        torch.manual_seed(3)
+        if checkpointed:
+            lumos.gates.sample_gates([g for _, g in lumos.gates_of(gated)])
+            h = gated.feature_gate(x)
+            h = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False)
+            out = gated.model[2](torch.relu(h))
+        else:
+            out = gated(x)
+        out.sum().backward()
+        return {n: p.grad.clone() for n, p in gated.named_parameters()}
+
+    plain, checkpointed = run(False), run(True)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+    first, second = layer.out_gate(), layer.out_gate()
+    assert torch.equal(first, second)  # a second call in the same step: the same mask

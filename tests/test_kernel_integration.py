@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import lumos
+import lumos_kernels
 from lumos_kernels import dispatch
 
 pytestmark = pytest.mark.skipif(not dispatch.triton_interpreted() and not torch.cuda.is_available(),
@@ -94,3 +95,29 @@ def test_gated_gin_layer_same_on_triton_and_torch(monkeypatch):
     torch.testing.assert_close(out_t, out_r, **TOL)
     for name in grads_r:
         torch.testing.assert_close(grads_t[name], grads_r[name], **TOL, msg=name)
+
+
+def test_strided_gate_and_bias_vectors_are_read_through_their_strides(monkeypatch):
+    torch.manual_seed(1)
+    x, w = torch.randn(5, 7, device=DEVICE), torch.randn(6, 7, device=DEVICE)
+    b, m_in, m_out = (torch.randn(12, device=DEVICE)[::2], torch.rand(14, device=DEVICE)[::2],
+                      torch.rand(12, device=DEVICE)[::2])
+    monkeypatch.setenv("LUMOS_BACKEND", "triton")
+    got = lumos_kernels.masked_linear(x, w, b, m_in, m_out)
+    torch.testing.assert_close(got, (x * m_in) @ (w * m_out[:, None]).T + b * m_out, **TOL)
+    csr = lumos_kernels.to_csr(torch.randint(0, 5, (2, 9), device=DEVICE), 5)
+    feats, emb, m = torch.randn(5, 4, device=DEVICE), torch.randn(9, 4, device=DEVICE), torch.rand(8, device=DEVICE)[::2]
+    got = lumos_kernels.masked_message_passing(feats, csr.rowptr, csr.col, emb, m, 0.5)
+    monkeypatch.setenv("LUMOS_BACKEND", "torch")
+    torch.testing.assert_close(got, lumos_kernels.masked_message_passing(feats, csr.rowptr, csr.col, emb, m, 0.5), **TOL)
+
+
+def test_16_bit_gin_keeps_its_dtype_on_both_backends(monkeypatch):
+    layer = lumos.nn.GatedGINConv.from_gin(
+        lumos.nn.GINConv(4, nn.Sequential(nn.Linear(4, 3)), edge_dim=2)).to(DEVICE, torch.bfloat16)
+    x = torch.randn(6, 4, device=DEVICE, dtype=torch.bfloat16)
+    edge_index = torch.randint(0, 6, (2, 10), device=DEVICE)
+    edge_attr = torch.randn(10, 2, device=DEVICE, dtype=torch.bfloat16)
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("LUMOS_BACKEND", backend)
+        assert layer(x, edge_index, edge_attr).dtype == torch.bfloat16, backend

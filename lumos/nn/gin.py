@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from lumos_kernels import masked_message_passing, to_csr
+from lumos_kernels import dispatch, masked_message_passing, to_csr
 from lumos_kernels.message_passing import CSR
 
 from ..gates import HardConcreteGate
@@ -82,6 +82,9 @@ class GINEAggregation(nn.Module):
         if not isinstance(edge_index, torch.Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
             shape = tuple(edge_index.shape) if isinstance(edge_index, torch.Tensor) else type(edge_index).__name__
             raise ValueError(f"{name}: `edge_index` must be (2, E) (source, destination rows), got {shape}")
+        if isinstance(edge_attr, torch.Tensor) and not edge_attr.is_floating_point():
+            raise TypeError(f"{name}: `edge_attr` must be floating point, got {edge_attr.dtype}; "
+                            "one-hot encode categorical bond types and pass .float()")
         cols = self.edge_dim if self.edge_lin is not None else self.in_channels
         if not isinstance(edge_attr, torch.Tensor) or edge_attr.dim() != 2 \
                 or edge_attr.shape != (edge_index.shape[1], cols):
@@ -99,7 +102,12 @@ class GINEAggregation(nn.Module):
         emb = edge_attr[csr.perm]
         if self.edge_lin is not None:
             emb = self.edge_lin(emb)
-        return masked_message_passing(x, csr.rowptr, csr.col, emb.to(x.dtype), self.column_mask(), self.eps)
+        transposed = {}
+        if not _is_tracing() and dispatch.backend_for("masked_message_passing", x) == "triton":
+            # the kernel's backward walks the source-keyed CSR: build it once per cached graph
+            transposed = dict(zip(("rowptr_t", "perm_t"), csr.transposed()))
+        return masked_message_passing(x, csr.rowptr, csr.col, emb.to(x.dtype), self.column_mask(), self.eps,
+                                      **transposed)
 
     def __getstate__(self):  # the cache holds graph tensors: never pickle or deep-copy it
         state = super().__getstate__()

@@ -67,7 +67,7 @@ class GatedLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"GatedLinear: input must have shape (*, {self.in_features}), got {tuple(x.shape)}"
             )
