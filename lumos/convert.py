@@ -24,6 +24,22 @@ GATED_LAYERS: dict[type, Callable[..., nn.Module]] = {
 EXAMPLE_ROWS = 8  # rows of the example inputs kept on the gated model for tracing later
 
 
+def _kept_examples(gated: GatedModel, example_inputs: tuple) -> tuple:
+    """A few rows of the example inputs when the model runs on them, else the inputs whole
+    (a dense adjacency matrix, an edge list: rows that are not samples)."""
+    sliced = _example_slice(example_inputs)
+    was_training = gated.training
+    gated.eval()
+    try:
+        with torch.no_grad():
+            gated(*sliced)
+        return sliced
+    except Exception:
+        return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in example_inputs)
+    finally:
+        gated.train(was_training)
+
+
 def _example_slice(example_inputs: tuple) -> tuple:
     """A few rows of each example input (enough to trace shapes, cheap to keep)."""
     first = example_inputs[0]
@@ -123,6 +139,9 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     first = example_inputs[0]
     if not -first.dim() <= feature_dim < first.dim():
         raise ValueError(f"lumos.gate: `feature_dim`={feature_dim} is out of range for input shape {tuple(first.shape)}")
+    # module objects named as leaves belong to `model`: name them, so they match in the copy
+    names = {id(m): name for name, m in model.named_modules()}
+    leaf_modules = tuple(names.get(id(m), m) if isinstance(m, nn.Module) else m for m in leaf_modules)
     copied = copy.deepcopy(model)
     chosen, skipped = _choose_layers(copied, example_inputs, feature_dim, leaf_modules)
     for name in chosen:
@@ -139,4 +158,6 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
             f"lumos.gate: nothing to gate in {type(model).__name__}: "
             + "; ".join(f"{k}: {v}" for k, v in skipped.items())
         )
-    return GatedModel(copied, feature_gate, feature_dim, _example_slice(example_inputs), skipped)
+    gated = GatedModel(copied, feature_gate, feature_dim, example_inputs, skipped, leaf_modules)
+    gated.example_inputs = _kept_examples(gated, example_inputs)
+    return gated

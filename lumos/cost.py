@@ -60,6 +60,7 @@ class CostModel:
                 self.fixed_params += sum(p.numel() for name, p in module.named_parameters()
                                          if not name.endswith("log_alpha"))
         self._certain = certain
+        self._moved: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.dense = {kind: float(self._cost(kind, self._dense_q(), None)) for kind in ("params", "flops")}
         self.dense["count"] = float(sum(g.n for g in self.gates))
 
@@ -75,6 +76,14 @@ class CostModel:
     def _dense_q(self) -> torch.Tensor:
         return torch.ones(self.n_groups)
 
+    def _on(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``index`` on ``device``, copied there once (the penalty runs every training step)."""
+        key = (id(index), device)
+        moved = self._moved.get(key)
+        if moved is None:
+            moved = self._moved[key] = index.to(device)
+        return moved
+
     def _q(self, deterministic: bool) -> torch.Tensor:
         """Probability (or, deterministic, indicator) that each channel group is alive."""
         if deterministic:
@@ -82,20 +91,24 @@ class CostModel:
             for gate, groups in self._producers:
                 alive[groups[gate.kept().cpu()]] = True
             return alive.float()
-        log_closed = torch.zeros(self.n_groups)
+        if not self._producers:
+            return torch.ones(self.n_groups)
+        first = self._producers[0][0].log_alpha
+        log_closed = torch.zeros(self.n_groups, dtype=first.dtype, device=first.device)
         for gate, groups in self._producers:
             p = gate.p_open().clamp(max=1 - 1e-6)
-            log_closed = log_closed.to(p.device).index_add(0, groups.to(p.device), torch.log1p(-p))
+            log_closed = log_closed.index_add(0, self._on(groups, p.device), torch.log1p(-p).to(log_closed.dtype))
         q = 1 - torch.exp(log_closed)
-        return torch.where(self._certain.to(q.device), torch.ones_like(q), q)
+        return torch.where(self._on(self._certain, q.device), torch.ones_like(q), q)
 
     def _cost(self, kind: str, q: torch.Tensor, deterministic: bool | None) -> torch.Tensor:
         total = q.new_zeros(())
         for term, in_groups, out_groups in self.layers:
-            e_out = q[out_groups.to(q.device)].sum()
-            in_q = q[in_groups.to(q.device)] if in_groups is not None else q.new_ones(term.in_size)
+            e_out = q[self._on(out_groups, q.device)].sum()
+            in_q = q[self._on(in_groups, q.device)] if in_groups is not None else q.new_ones(term.in_size)
             if term.in_gate is not None and deterministic is not None:
-                in_q = in_q * (term.in_gate.kept().float() if deterministic else term.in_gate.p_open())
+                gate = term.in_gate.kept().float() if deterministic else term.in_gate.p_open()
+                in_q = in_q * gate.to(q.device, q.dtype)
             pairs = in_q.sum() * e_out * term.weight_per_pair
             if kind == "params":
                 total = total + pairs + (e_out if term.bias else 0)

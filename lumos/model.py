@@ -44,16 +44,20 @@ class GatedModel(nn.Module):
         feature_gate: :class:`lumos.nn.FeatureGate` or None.
         feature_dim: the feature dimension of the first input.
         skipped: qualified name -> reason, for layers left ungated.
+        leaf_modules: the ``leaf_modules`` given to :func:`lumos.gate`, reused by
+            :func:`lumos.compact`, :func:`lumos.report` and the penalty.
     """
 
     def __init__(self, model: nn.Module, feature_gate: FeatureGate | None, feature_dim: int = -1,
-                 example_inputs: Sequence[torch.Tensor] = (), skipped: dict[str, str] | None = None):
+                 example_inputs: Sequence[torch.Tensor] = (), skipped: dict[str, str] | None = None,
+                 leaf_modules: Sequence = ()):
         super().__init__()
         self.model = model
         self.feature_gate = feature_gate
         self.feature_dim = feature_dim
         self.example_inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in example_inputs)
         self.skipped = dict(skipped or {})
+        self.leaf_modules = tuple(leaf_modules)
 
     def forward(self, x, *args, **kwargs):
         if self.training:

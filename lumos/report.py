@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .compact import build, plan_model
+from .compact import _default_inputs, build, plan_model
+from .model import as_input_tuple
 from .gates import HardConcreteGate
 from .nn import FeatureGate
 
@@ -130,7 +131,7 @@ class Report:
         return path
 
 
-def report(gated: nn.Module, example_inputs=None, *, leaf_modules=()) -> Report:
+def report(gated: nn.Module, example_inputs=None, *, leaf_modules=None) -> Report:
     """What the gates of ``gated`` decide, in eval mode: kept features (with their ``p_open``),
     width of every linear layer before and after, parameters and FLOPs before and after.
 
@@ -140,8 +141,8 @@ def report(gated: nn.Module, example_inputs=None, *, leaf_modules=()) -> Report:
     if not isinstance(gated, nn.Module):
         raise TypeError(f"lumos.report: `gated` must be an nn.Module, got {type(gated).__name__}")
     plan, rules = plan_model(gated, example_inputs, leaf_modules=leaf_modules)
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else \
-        ((example_inputs,) if example_inputs is not None else gated.example_inputs)
+    inputs = as_input_tuple(example_inputs, "lumos.report") if example_inputs is not None \
+        else _default_inputs(gated)
     out = Report(skipped=dict(getattr(gated, "skipped", {})))
     for node in plan.gm.graph.nodes:
         module = plan.module(node) if node.op == "call_module" else None
@@ -155,7 +156,13 @@ def report(gated: nn.Module, example_inputs=None, *, leaf_modules=()) -> Report:
             out.layers.append({"name": node.target, "width_before": plan.space_of[node].size,
                                "width_after": plan.width(node), "gated": gated_layer})
     out.params_before = count_params(gated)
-    out.params_after = sum(rules[node].params(node, plan) for node in plan.gm.graph.nodes)
+    counted = set()  # a module or attribute used twice holds its parameters once
+    for node in plan.gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            if node.target in counted:
+                continue
+            counted.add(node.target)
+        out.params_after += rules[node].params(node, plan)
     out.flops_before = count_flops(gated, inputs)
     with torch.no_grad():
         out.flops_after = count_flops(build(plan, rules, "Compacted"), inputs)

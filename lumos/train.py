@@ -75,7 +75,7 @@ class BudgetController:
         check_cost(cost, "lumos.BudgetController")
         if not isinstance(target, (int, float)) or math.isnan(target) or not 0.0 < target <= 1.0:
             raise ValueError(f"lumos.BudgetController: `target` must be a fraction in (0, 1], got {target!r}")
-        if step_size <= 0 or lam < 0:
+        if not (math.isfinite(step_size) and math.isfinite(lam)) or step_size <= 0 or lam < 0:
             raise ValueError(f"lumos.BudgetController: need step_size > 0 and lam >= 0, got {step_size}, {lam}")
         self.model, self.target, self.cost = model, float(target), cost
         self.step_size, self.lam = float(step_size), float(lam)
@@ -121,7 +121,7 @@ class NoiseRangeSchedule:
 @dataclass
 class History:
     """What :func:`fit` saw, one dict per epoch (``epoch, train_loss, val_loss, val_metric,
-    kept_fraction, lam, seconds``), and the epoch whose weights were restored."""
+    kept_fraction, lam, seconds``), and the epoch whose weights were restored (None if none was)."""
 
     epochs: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
@@ -211,7 +211,8 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
             :class:`BudgetController`. None: fixed weight ``lam`` on :func:`penalty`.
         cost: ``"params"``, ``"flops"`` or ``"count"``.
         lam: weight of the penalty when ``target`` is None (normalised cost, i.e. fraction kept).
-        patience: stop after this many epochs without a better validation loss (None: never).
+        patience: stop after this many epochs in a row without a better validation loss (with a
+            ``target``, counting only epochs within budget); None: never.
         tolerance: with a ``target``, an epoch counts as best only if its kept fraction is
             at most ``target + tolerance``; the weights of the best epoch are restored at the end.
         restore_best: load the weights of the best epoch at the end. Default: yes with a
@@ -234,6 +235,8 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"lumos.fit: `batch_size` must be a positive int, got {batch_size!r}")
     check_cost(cost, "lumos.fit")
+    if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lumos.fit: `lam` must be a finite weight >= 0, got {lam!r}")
     if seed is not None:
         torch.manual_seed(seed)
     gated = bool(gates_of(model))
@@ -249,9 +252,10 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
             groups.append({"params": gate_params, "lr": gate_lr})
         optimizer = torch.optim.Adam(groups)
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed if seed is not None else 0)
-    history, best_loss, best_state, bad_epochs = History(), math.inf, None, 0
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    history, best_loss, best_state, best_epoch, bad_epochs = History(), math.inf, None, None, 0
     bar = tqdm(range(epochs), desc=description, disable=not progress, leave=True)
+    checked = _is_pair(train)
     for epoch in bar:
         started = time.perf_counter()
         if noise_schedule is not None:
@@ -259,19 +263,20 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
         model.train()
         total, count = 0.0, 0
         for step, (xb, yb) in enumerate(_batches(train, batch_size, True, generator)):
-            _check_batch(xb, f"batch {step} of epoch {epoch}")
+            if not checked:  # tensor pairs were checked whole before training
+                _check_batch(xb, f"batch {step} of epoch {epoch}")
             xb, yb = xb.to(device), yb.to(device)
             loss = loss_fn(model(xb), yb)
             task = float(loss.detach())
-            if not math.isfinite(task):
-                raise FloatingPointError(
-                    f"lumos.fit: the loss became {task} at batch {step} of epoch {epoch}; "
-                    "lower `lr` or check the targets"
-                )
             if controller is not None:
                 loss = loss + controller.penalty()
             elif gated and lam:
                 loss = loss + lam * penalty(model, cost, normalize=True)
+            if not math.isfinite(task) or not torch.isfinite(loss.detach()):
+                raise FloatingPointError(
+                    f"lumos.fit: the loss became {float(loss.detach())} (task loss {task}) at batch {step} "
+                    f"of epoch {epoch}; lower `lr` or check the targets"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -281,6 +286,9 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
                 controller.update()
             total += task * xb.shape[0]
             count += xb.shape[0]
+        if count == 0:
+            raise ValueError(f"lumos.fit: `train` gave no batch in epoch {epoch}; pass (inputs, targets) "
+                             "tensors or a re-iterable loader (a DataLoader, a list), not a one-shot iterator")
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "seconds": time.perf_counter() - started}
         if gated:
             row["kept_fraction"] = kept_fraction(model, cost)
@@ -293,12 +301,12 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
         within_budget = controller is None or row["kept_fraction"] <= target + tolerance
         if within_budget and score < best_loss:
             best_loss, best_state, bad_epochs = score, copy.deepcopy(model.state_dict()), 0
-            history.best_epoch = epoch
-        elif within_budget or controller is None:
+            best_epoch = epoch
+        elif within_budget:
             bad_epochs += 1
         bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()
                          if k in ("train_loss", "val_loss", "val_metric", "kept_fraction", "lam")})
-        if patience is not None and bad_epochs > patience:
+        if patience is not None and bad_epochs >= patience:
             history.stopped_early = True
             break
     bar.close()
@@ -306,5 +314,6 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
         restore_best = controller is not None or not gated
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)
+        history.best_epoch = best_epoch
     model.eval()
     return history

@@ -198,3 +198,82 @@ def test_channel_slicing_keeps_the_sliced_layer_whole_and_exact():
     compacted = lumos.compact(gated, x)
     torch.testing.assert_close(compacted(x), gated.eval()(x), atol=ATOL, rtol=1e-5)
     assert compacted.get_submodule("fc1").out_features == 8
+
+
+class SharedLayer(nn.Module):
+    """One linear layer applied to two branches that keep different channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1, self.a2 = nn.Linear(4, 8), nn.Linear(4, 8)
+        self.shared, self.head = nn.Linear(8, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.shared(torch.relu(self.a1(x))) + self.shared(torch.relu(self.a2(x))))
+
+
+def test_module_called_twice_is_kept_whole_exact_and_counted_once():
+    x = torch.randn(6, 4)
+    gated = lumos.gate(SharedLayer(), x)
+    assert "called more than once" in gated.skipped["shared"]
+    randomize_gates(gated, seed=2)
+    compacted = lumos.compact(gated, x)
+    torch.testing.assert_close(compacted(x), gated.eval()(x), atol=ATOL, rtol=1e-5)
+    assert sum(p.numel() for p in compacted.parameters()) == lumos.report(gated).params_after
+
+
+class NamedLikeLumos(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.feature_gate = nn.Linear(5, 9)  # the user's own layer with lumos' internal name
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(9, 1))
+
+    def forward(self, x):
+        return self.head(self.feature_gate(x))
+
+
+def test_user_submodule_named_feature_gate_survives_compaction():
+    x = torch.randn(6, 5)
+    gated = lumos.gate(NamedLikeLumos(), x)
+    randomize_gates(gated, seed=3)
+    compacted = lumos.compact(gated, x)
+    torch.testing.assert_close(compacted(x), gated.eval()(x), atol=ATOL, rtol=1e-5)
+
+
+class Clipped(nn.Module):
+    def forward(self, h):
+        return h if h.abs().max() < 1e6 else h.clamp(-1e6, 1e6)  # untraceable control flow
+
+
+class WithClip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.clip, self.head = nn.Linear(4, 8), Clipped(), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.clip(torch.relu(self.l1(x))))
+
+
+def test_trace_error_names_the_submodule_and_leaf_modules_carry_through_training():
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    with pytest.raises(lumos.TraceError, match=r'submodule `clip`.*leaf_modules=\["clip"\]'):
+        lumos.gate(WithClip(), x)
+    gated = lumos.gate(WithClip(), x, leaf_modules=["clip"])
+    lumos.fit(gated, (x, y), epochs=1, target=0.5, progress=False)  # the penalty traces with them too
+    compacted = lumos.compact(gated)
+    torch.testing.assert_close(compacted(x), gated.eval()(x), atol=ATOL, rtol=1e-5)
+
+
+class NoisyLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) + 0.1 * x.sum(-1, keepdim=True)
+
+
+def test_leaf_subclass_of_a_known_layer_stays_whole():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), NoisyLinear(6, 6), nn.ReLU(), nn.Linear(6, 1))
+    x = torch.randn(5, 4)
+    gated = lumos.gate(model, x, leaf_modules=[NoisyLinear])
+    randomize_gates(gated, seed=1)
+    compacted = lumos.compact(gated)
+    torch.testing.assert_close(compacted(x), gated.eval()(x), atol=ATOL, rtol=1e-5)
+    assert isinstance(compacted.get_submodule("2"), NoisyLinear)

@@ -96,3 +96,26 @@ def test_noise_range_schedule_anneals_every_gate(gated_mlp):
     assert all(g.noise_range == 0.5 for _, g in lumos.gates_of(gated_mlp))
     schedule.apply(gated_mlp, 10)
     assert all(g.noise_range == pytest.approx(1e-6) for _, g in lumos.gates_of(gated_mlp))
+
+
+def test_fit_rejects_one_shot_iterator(gated_mlp):
+    x, y = torch.randn(32, 6), torch.randn(32, 2)
+    batches = iter([(x[:16], y[:16]), (x[16:], y[16:])])
+    with pytest.raises(ValueError, match="one-shot"):
+        lumos.fit(gated_mlp, batches, epochs=2, progress=False)
+
+
+@pytest.mark.parametrize("lam", [float("nan"), -1.0])
+def test_fit_rejects_bad_penalty_weight(gated_mlp, lam):
+    with pytest.raises(ValueError, match="lam"):
+        lumos.fit(gated_mlp, (torch.randn(8, 6), torch.randn(8, 2)), epochs=1, lam=lam, progress=False)
+
+
+def test_fit_patience_stops_after_that_many_epochs_without_progress():
+    model = nn.Linear(3, 1)
+    x = torch.randn(64, 3)
+    y = torch.randn(64, 1)  # noise: validation cannot keep improving
+    history = lumos.fit(model, (x, y), val=(x[:16], y[:16]), epochs=200, lr=0.5, patience=2, progress=False)
+    assert history.stopped_early
+    last_best = history.best_epoch
+    assert len(history.epochs) == last_best + 1 + 2

@@ -27,9 +27,8 @@ class Builder:
         self.env: dict[fx.Node, fx.Node] = {}
         self.const: dict[fx.Node, torch.Tensor] = {}
         self.attrs: dict[str, Any] = {}
-
-    def _args(self, node: fx.Node):
-        return fx.map_arg(node.args, self.env.__getitem__), fx.map_arg(node.kwargs, self.env.__getitem__)
+        tensors = [*plan.gm.parameters(), *plan.gm.buffers()]
+        self.device = tensors[0].device if tensors else torch.device("cpu")  # where new layers go
 
     def copy(self, node: fx.Node) -> fx.Node:
         """Emit ``node`` unchanged (its module deep-copied, its attribute tensor copied)."""
@@ -43,7 +42,7 @@ class Builder:
 
     def call_module(self, target: str, module: nn.Module, args: tuple) -> fx.Node:
         """Emit a call of ``module`` registered under ``target`` (the original module's name)."""
-        self.attrs[target] = module
+        self.attrs[target] = module.to(self.device)
         return self.graph.call_module(target, args)
 
     def call_function(self, fn, args: tuple) -> fx.Node:
@@ -54,7 +53,7 @@ class Builder:
         name = f"{hint.replace('.', '_')}_constant"
         while name in self.attrs:
             name += "_"
-        self.attrs[name] = value.detach().clone()
+        self.attrs[name] = value.detach().to(self.device, copy=True)
         return self.graph.get_attr(name)
 
 

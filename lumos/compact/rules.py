@@ -147,8 +147,9 @@ class FeatureGateRule(Rule):
         x = node.args[0]
         in_space = plan.space_of[x]
         kept = fg.gate.kept().cpu()
-        plan.consume(in_space, kept)
-        plan.new_space(node, in_space.dim, produced=kept, gate=fg.gate)
+        out_space = plan.new_space(node, in_space.dim, produced=kept, gate=fg.gate)
+        # an open feature nothing downstream reads is not read from the input either
+        plan.consume(in_space, lambda: kept & plan.kept_mask(out_space))
 
     def build(self, node, b):
         fg: FeatureGate = b.plan.module(node)
@@ -307,22 +308,25 @@ def _call_method(node, b, args, kwargs):
 class BatchNormRule(Rule):
     """``nn.BatchNorm1d/2d/3d`` in eval: a per-channel affine map, sliced to the kept channels."""
 
+    opaque = False  # set by analyze when the channels are not on dim 1: kept whole
+
     def analyze(self, node, plan):
         module = plan.module(node)
         space = plan.space_of.get(node.args[0])
         if space is None or space.dim != 1 or not module.track_running_stats:
+            self.opaque = True
             return Opaque().analyze(node, plan)
         plan.same_space(node, node.args[0])
 
     def params(self, node, plan):
         module = plan.module(node)
-        if node in plan.space_of and module.track_running_stats and plan.space_of[node.args[0]].dim == 1:
-            return 2 * plan.width(node) if module.affine else 0
-        return Opaque().params(node, plan)
+        if self.opaque:
+            return Opaque().params(node, plan)
+        return 2 * plan.width(node) if module.affine else 0
 
     def build(self, node, b):
         module = b.plan.module(node)
-        if not module.track_running_stats or node not in b.plan.space_of:
+        if self.opaque:
             return b.copy(node)
         kept = b.plan.kept(b.plan.space_of[node])
         if kept.numel() == 0:

@@ -29,18 +29,24 @@ class _Tracer(fx.Tracer):
         self.leaf_types = lumos_leaf_types() + tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_objects = {id(m) for m in leaf_modules if isinstance(m, nn.Module)}
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
-        self.stack: list[str] = []
+        self.failed_in: str | None = None  # innermost submodule whose forward raised
+
+    def is_user_leaf(self, m: nn.Module, qualname: str) -> bool:
+        """Whether the user asked to keep ``m`` whole (``leaf_modules``)."""
+        return (isinstance(m, self.leaf_types[len(lumos_leaf_types()):]) or id(m) in self.leaf_objects
+                or qualname in self.leaf_names)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (isinstance(m, self.leaf_types) or id(m) in self.leaf_objects
                 or qualname in self.leaf_names or super().is_leaf_module(m, qualname))
 
     def call_module(self, m, forward, args, kwargs):
-        self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
-        finally:
-            self.stack.pop()
+        except Exception:
+            if self.failed_in is None:  # the innermost module records itself first
+                self.failed_in = self.path_of_module(m)
+            raise
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module | str] = ()) -> fx.GraphModule:
@@ -54,7 +60,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module | str] = ())
     try:
         graph = tracer.trace(model)
     except Exception as err:  # fx raises TraceError, TypeError, AttributeError... for the same cause
-        where = tracer.stack[-1] if tracer.stack else ""
+        where = tracer.failed_in or ""
         owner = f"submodule `{where}` ({type(model.get_submodule(where)).__name__})" if where \
             else f"the forward of {type(model).__name__}"
         hint = (f"lumos.compact(..., leaf_modules=[\"{where}\"])" if where
@@ -65,7 +71,11 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module | str] = ())
             "loops over a tensor's values) nor item assignment into a tensor (x[:, :3] = 0). "
             f"Workaround: {hint}; that module then keeps all its input and output channels."
         ) from err
-    return fx.GraphModule(model, graph, type(model).__name__)
+    gm = fx.GraphModule(model, graph, type(model).__name__)
+    modules = dict(model.named_modules())
+    gm.meta["lumos_user_leaves"] = {n.target for n in graph.nodes if n.op == "call_module"
+                                    and tracer.is_user_leaf(modules[n.target], n.target)}
+    return gm
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
