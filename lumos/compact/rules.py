@@ -135,7 +135,8 @@ class Output(Rule):
                 plan.consume(plan.space_of[arg])
 
 
-def _eval_mask(gate, n: int) -> torch.Tensor:
+def eval_mask(gate, n: int) -> torch.Tensor:
+    """``(n,)`` float64 CPU eval mask of ``gate`` (all ones when there is no gate), for folding."""
     return torch.ones(n, dtype=torch.float64) if gate is None else gate.eval_mask().double().cpu()
 
 
@@ -161,7 +162,7 @@ class FeatureGateRule(Rule):
         position = torch.full((in_kept.max().item() + 1 if in_kept.numel() else 0,), -1, dtype=torch.long)
         position[in_kept] = torch.arange(in_kept.numel())
         index = position[out_kept]
-        scale = _eval_mask(fg.gate, fg.n_features)[out_kept].float()
+        scale = eval_mask(fg.gate, fg.n_features)[out_kept].float()
         scale = None if bool((scale == 1).all()) else scale
         if index.numel() == in_kept.numel() and scale is None:
             b.env[node] = b.env[x]
@@ -226,7 +227,7 @@ class LinearRule(Rule):
         in_gate, out_gate = self._gates(module)
         weight = module.weight.detach().double().cpu()
         n, k = weight.shape
-        m_in, m_out = _eval_mask(in_gate, k), _eval_mask(out_gate, n)
+        m_in, m_out = eval_mask(in_gate, k), eval_mask(out_gate, n)
         w_eff = weight * m_out[:, None] * m_in[None, :]
         bias = module.bias.detach().double().cpu() * m_out if module.bias is not None else torch.zeros(n, dtype=torch.float64)
         kept_in, removed_in = self._kept_in(node, b.plan, k)
@@ -293,15 +294,16 @@ class Elementwise(Rule):
         return Opaque().params(node, plan)
 
 
-def _call_module(node, b, args, kwargs):
+# How an elementwise node maps its operands' constants (dropped channels' values) to its own.
+def const_by_module(node, b, args, kwargs):
     return copy.deepcopy(b.plan.module(node)).eval().double()(*args, **kwargs)
 
 
-def _call_function(node, b, args, kwargs):
+def const_by_function(node, b, args, kwargs):
     return node.target(*args, **kwargs)
 
 
-def _call_method(node, b, args, kwargs):
+def const_by_method(node, b, args, kwargs):
     return getattr(args[0], node.target)(*args[1:], **kwargs)
 
 
@@ -400,15 +402,15 @@ def register_method_rule(names, factory: Callable[[], Rule]) -> None:
 def _elementwise_module(module: nn.Module) -> Rule:
     if isinstance(module, nn.PReLU) and module.num_parameters != 1:
         return Opaque()  # one slope per channel: not elementwise in the channel sense
-    return Elementwise(_call_module)
+    return Elementwise(const_by_module)
 
 
 register_module_rule(ELEMENTWISE_MODULES, _elementwise_module)
 register_module_rule((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), lambda m: BatchNormRule())
 register_module_rule((GatedLinear, nn.Linear), lambda m: LinearRule())
 register_module_rule(FeatureGate, lambda m: FeatureGateRule())
-register_function_rule(ELEMENTWISE_FUNCTIONS, lambda: Elementwise(_call_function))
-register_method_rule(ELEMENTWISE_METHODS, lambda: Elementwise(_call_method))
+register_function_rule(ELEMENTWISE_FUNCTIONS, lambda: Elementwise(const_by_function))
+register_method_rule(ELEMENTWISE_METHODS, lambda: Elementwise(const_by_method))
 
 
 def rule_for(node: fx.Node, plan: ChannelPlan, placeholder: Placeholder) -> Rule:

@@ -27,7 +27,7 @@ from torch import fx, nn
 from ..nn.attention import GatedMultiheadAttention, attention_core
 from .modules import constant_like, zero_width
 from .plan import Space
-from .rules import FUNCTION_RULES, LayerCost, Opaque, Rule, _eval_mask, register_function_rule, register_module_rule
+from .rules import FUNCTION_RULES, LayerCost, Opaque, Rule, eval_mask, register_function_rule, register_module_rule
 from .rules_gnn import bound_args, last_dim_space
 from .trace import node_shape
 
@@ -250,9 +250,9 @@ class AttentionRule(Rule):
 
     def _emit_attention(self, node, b, module, args, w, heads, qk, vd, need_weights):
         head_gate, qk_gate, v_gate = _gates(module)
-        m_head = _eval_mask(head_gate, module.num_heads)
-        m_qk = _eval_mask(qk_gate, module.head_dim)
-        m_v = _eval_mask(v_gate, module.head_dim)
+        m_head = eval_mask(head_gate, module.num_heads)
+        m_qk = eval_mask(qk_gate, module.head_dim)
+        m_v = eval_mask(v_gate, module.head_dim)
         inputs = self._inputs_kept(node, b.plan, module)
         scaling = 1.0 / module.head_dim ** 0.5
         if qk.numel():

@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from ..nn.conv import GATED_CONVS
 from .rules import (FUNCTION_RULES, METHOD_RULES, Elementwise, LayerCost, Opaque, Rule,
-                    _call_function, _eval_mask, register_function_rule, register_method_rule,
+                    const_by_function, eval_mask, register_function_rule, register_method_rule,
                     register_module_rule)
 from .trace import node_shape
 
@@ -246,7 +246,7 @@ class ConvRule(Rule):
         in_gate, out_gate = self._gates(module)
         weight = module.weight.detach().double().cpu()
         g, c_in, c_out = module.groups, module.in_channels, module.out_channels
-        m_in, m_out = _eval_mask(in_gate, c_in), _eval_mask(out_gate, c_out)
+        m_in, m_out = eval_mask(in_gate, c_in), eval_mask(out_gate, c_out)
         k = [1] * self.spatial
         if self.transposed:  # (C_in, C_out / g, *k): output channel o = group * (C_out / g) + j
             weight = weight * m_in.reshape(-1, 1, *k)
@@ -623,7 +623,7 @@ _pass_through_functions((F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_ma
 _pass_through_functions((F.avg_pool1d, F.avg_pool2d, F.avg_pool3d), _avg_pool_function_exact)
 _pass_through_functions((F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear))
 register_function_rule((F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout),
-                       lambda: Elementwise(_call_function))
+                       lambda: Elementwise(const_by_function))
 register_module_rule(nn.Flatten, FlattenModuleRule)
 _register_function((torch.flatten, torch.reshape), FlattenRule)
 _register_method(("flatten", "view", "reshape"), FlattenRule)

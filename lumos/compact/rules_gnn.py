@@ -22,7 +22,7 @@ from torch import fx, nn
 from ..nn.gin import GatedGINEAggregation, GINEAggregation, GlobalPool
 from .modules import zero_width
 from .plan import ChannelPlan, Space
-from .rules import LayerCost, Opaque, Rule, _eval_mask, register_module_rule
+from .rules import LayerCost, Opaque, Rule, eval_mask, register_module_rule
 from .trace import node_shape
 
 
@@ -154,7 +154,7 @@ class GINEAggregationRule(Rule):
             plain.eps.copy_(module.eps)
             if module.edge_lin is not None:
                 self._fill_edge_lin(node, b, module.edge_lin, plain.edge_lin, kept, kept_in, removed_in)
-        scale = _eval_mask(getattr(module, "column_gate", None), module.in_channels)[kept]
+        scale = eval_mask(getattr(module, "column_gate", None), module.in_channels)[kept]
         if not bool((scale == 1).all()):
             plain.out_scale = scale.to(ref)
         return plain
