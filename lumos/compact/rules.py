@@ -171,41 +171,60 @@ class FeatureGateRule(Rule):
         b.const[node] = torch.zeros(out_space.size, dtype=torch.float64)
 
 
-class LinearRule(Rule):
-    """``nn.Linear`` and :class:`lumos.nn.GatedLinear`: kept inputs select columns, kept outputs
-    rows; gate values and dropped inputs' constants fold into weight and bias."""
+class ChannelMapRule(Rule):
+    """A layer that maps the input channels on one dim to output channels on the same dim
+    (linear: the last dim; convolution: dim 1), with optional ``in_gate`` / ``out_gate``.
+
+    Its output channels are produced where ``out_gate`` is open; an input channel is read where
+    ``in_gate`` is open and some output channel survives.
+    """
 
     reports_width = True
 
+    def channel_dim(self, ndim: int) -> int:
+        """The channel dim of an ``ndim``-dimensional input or output."""
+        raise NotImplementedError
+
     @staticmethod
     def _gates(module):
-        if isinstance(module, GatedLinear):
-            return module.in_gate, module.out_gate
-        return None, None
+        return getattr(module, "in_gate", None), getattr(module, "out_gate", None)
 
     def _input_space(self, node, plan):
         space = plan.space_of.get(node.args[0])
         ndim = len(node_shape(node.args[0]))
-        return space if space is not None and space.dim == ndim - 1 else None
+        return space if space is not None and space.dim == self.channel_dim(ndim) else None
 
-    def analyze(self, node, plan):
-        module = plan.module(node)
-        in_gate, out_gate = self._gates(module)
+    def analyze_channels(self, node, plan) -> None:
+        """The analysis shared by every channel map (see the class docstring)."""
+        in_gate, out_gate = self._gates(plan.module(node))
         x = node.args[0]
         if x in plan.space_of and self._input_space(node, plan) is None:
             plan.pin(plan.space_of[x])  # channels tracked on another dim than the one we contract
         produced = out_gate.kept().cpu() if out_gate is not None else True
-        out_space = plan.new_space(node, -1, produced=produced, gate=out_gate)
+        out_space = plan.new_space(node, self.channel_dim(len(node_shape(node))), produced=produced,
+                                   gate=out_gate)
         in_space = self._input_space(node, plan)
         if in_space is not None:
             open_in = in_gate.kept().cpu() if in_gate is not None else torch.ones(in_space.size, dtype=torch.bool)
             plan.consume(in_space, lambda: open_in & bool(plan.kept_mask(out_space).any()))
 
+    def analyze(self, node, plan):
+        self.analyze_channels(node, plan)
+
     def _kept_in(self, node, plan, k):
+        """Kept and removed input channels (all kept when the input is not tracked on our dim)."""
         space = self._input_space(node, plan)
         if space is None:
             return torch.arange(k), torch.zeros(0, dtype=torch.long)
         return plan.kept(space), plan.removed(space)
+
+
+class LinearRule(ChannelMapRule):
+    """``nn.Linear`` and :class:`lumos.nn.GatedLinear`: kept inputs select columns, kept outputs
+    rows; gate values and dropped inputs' constants fold into weight and bias."""
+
+    def channel_dim(self, ndim):
+        return ndim - 1
 
     def layer_cost(self, node, plan):
         module = plan.module(node)

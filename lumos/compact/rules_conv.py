@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.conv import GATED_CONVS
-from .rules import (FUNCTION_RULES, METHOD_RULES, Elementwise, LayerCost, Opaque, Rule,
+from .rules import (FUNCTION_RULES, METHOD_RULES, ChannelMapRule, Elementwise, LayerCost, Opaque, Rule,
                     const_by_function, eval_mask, register_function_rule, register_method_rule,
                     register_module_rule)
 from .trace import node_shape
@@ -164,14 +164,12 @@ def _register_method(names, rule_type) -> None:
 
 
 # -- convolutions -----------------------------------------------------------------------------
-class ConvRule(Rule):
+class ConvRule(ChannelMapRule):
     """A (transposed) convolution, plain or gated: see the module docstring.
 
     Kept whole (every input and output channel, gate values still folded) when it has
     ``groups > 1``, gets an ``output_size`` argument, or sees an unbatched input.
     """
-
-    reports_width = True
 
     def __init__(self, module: nn.Module):
         self.transposed = isinstance(module, _TRANSPOSED)
@@ -185,17 +183,10 @@ class ConvRule(Rule):
         return (module.groups != 1 or len(node.args) > 1 or bool(node.kwargs) or shape is None
                 or len(shape) != self.spatial + 2)
 
-    def _input_space(self, node, plan):
-        space = plan.space_of.get(node.args[0])
-        return space if space is not None and space.dim == 1 else None
-
-    @staticmethod
-    def _gates(module):
-        return getattr(module, "in_gate", None), getattr(module, "out_gate", None)
+    def channel_dim(self, ndim):
+        return 1
 
     def analyze(self, node, plan):
-        module = plan.module(node)
-        in_gate, out_gate = self._gates(module)
         if self._whole(node, plan):
             for arg in node.all_input_nodes:
                 if arg in plan.space_of:
@@ -203,16 +194,7 @@ class ConvRule(Rule):
                     plan.consume(plan.space_of[arg])
             plan.pin(plan.new_space(node, 1))
             return
-        x = node.args[0]
-        if x in plan.space_of and self._input_space(node, plan) is None:
-            plan.pin(plan.space_of[x])  # channels tracked on another dim than the one we contract
-        produced = out_gate.kept().cpu() if out_gate is not None else True
-        out_space = plan.new_space(node, 1, produced=produced, gate=out_gate)
-        in_space = self._input_space(node, plan)
-        if in_space is not None:
-            open_in = in_gate.kept().cpu() if in_gate is not None \
-                else torch.ones(in_space.size, dtype=torch.bool)
-            plan.consume(in_space, lambda: open_in & bool(plan.kept_mask(out_space).any()))
+        self.analyze_channels(node, plan)
 
     def layer_cost(self, node, plan):
         if self._whole(node, plan):
@@ -224,18 +206,13 @@ class ConvRule(Rule):
                          plan.space_of[node], float(math.prod(module.kernel_size)),
                          module.bias is not None, shape.numel() / max(shape[1], 1))
 
-    def _kept_in(self, node, plan):
-        space = self._input_space(node, plan)
-        if space is None:
-            return torch.arange(plan.module(node).in_channels), torch.zeros(0, dtype=torch.long)
-        return plan.kept(space), plan.removed(space)
 
     def params(self, node, plan):
         module = plan.module(node)
         bias = module.bias is not None
         if self._whole(node, plan):
             return module.weight.numel() + (module.bias.numel() if bias else 0)
-        kept_in, kept_out = self._kept_in(node, plan)[0].numel(), plan.width(node)
+        kept_in, kept_out = self._kept_in(node, plan, plan.module(node).in_channels)[0].numel(), plan.width(node)
         if kept_in == 0 or kept_out == 0:
             return 0
         return kept_out * kept_in * math.prod(module.kernel_size) + (kept_out if bias else 0)
@@ -297,7 +274,7 @@ class ConvRule(Rule):
             return self._build_whole(node, b, module)
         weight, bias = self._folded(module)
         w_oi = weight.transpose(0, 1) if self.transposed else weight  # (C_out, C_in, *k)
-        kept_in, removed_in = self._kept_in(node, b.plan)
+        kept_in, removed_in = self._kept_in(node, b.plan, module.in_channels)
         kept_out = b.plan.kept(b.plan.space_of[node])
         w_const = self._constant_kernel(node, b, w_oi, removed_in)
         uniform = not self._padding_breaks_constants(module)
