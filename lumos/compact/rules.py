@@ -326,10 +326,20 @@ def const_by_method(node, b, args, kwargs):
     return getattr(args[0], node.target)(*args[1:], **kwargs)
 
 
-class BatchNormRule(Rule):
-    """``nn.BatchNorm1d/2d/3d`` in eval: a per-channel affine map, sliced to the kept channels."""
+class NormRule(Rule):
+    """A normalisation layer with one affine weight and bias per channel (BatchNorm, GroupNorm):
+    kept channels keep their two parameters, or the layer is kept whole (``opaque``)."""
 
-    opaque = False  # set by analyze when the channels are not on dim 1: kept whole
+    opaque = False  # set by analyze when the channels cannot be followed: kept whole
+
+    def params(self, node, plan):
+        if self.opaque:
+            return Opaque().params(node, plan)
+        return 2 * plan.width(node) if plan.module(node).affine else 0
+
+
+class BatchNormRule(NormRule):
+    """``nn.BatchNorm1d/2d/3d`` in eval: a per-channel affine map, sliced to the kept channels."""
 
     def analyze(self, node, plan):
         module = plan.module(node)
@@ -338,12 +348,6 @@ class BatchNormRule(Rule):
             self.opaque = True
             return Opaque().analyze(node, plan)
         plan.same_space(node, node.args[0])
-
-    def params(self, node, plan):
-        module = plan.module(node)
-        if self.opaque:
-            return Opaque().params(node, plan)
-        return 2 * plan.width(node) if module.affine else 0
 
     def build(self, node, b):
         module = b.plan.module(node)

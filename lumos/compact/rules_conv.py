@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.conv import GATED_CONVS
-from .rules import (FUNCTION_RULES, METHOD_RULES, ChannelMapRule, Elementwise, LayerCost, Opaque, Rule,
+from .rules import (FUNCTION_RULES, METHOD_RULES, ChannelMapRule, Elementwise, LayerCost, NormRule, Opaque, Rule,
                     const_by_function, eval_mask, register_function_rule, register_method_rule,
                     register_module_rule)
 from .trace import node_shape
@@ -329,7 +329,7 @@ class ConvRule(ChannelMapRule):
 
 
 # -- normalisation ----------------------------------------------------------------------------
-class GroupNormRule(Rule):
+class GroupNormRule(NormRule):
     """``nn.GroupNorm``: each group's channels are tied (a group is kept or dropped whole); the
     kept groups make a smaller GroupNorm. A dropped group holds constants: its output is the
     group norm of those constants (computed once)."""
@@ -350,12 +350,6 @@ class GroupNormRule(Rule):
         for g in range(module.num_groups):
             first = out.start + g * per
             plan.tie_ids(range(first, first + per - 1), range(first + 1, first + per))
-
-    def params(self, node, plan):
-        module = plan.module(node)
-        if self.opaque:
-            return Opaque().params(node, plan)
-        return 2 * plan.width(node) if module.affine else 0
 
     def build(self, node, b):
         if self.opaque:
