@@ -9,7 +9,7 @@ lumos shrinks scientific-ML models in one training run: L0 gates learn which inp
 matter and how wide each layer should be, then the model is compacted into plain, smaller
 PyTorch layers.
 
-  lumos demo                 the whole pipeline on the built-in CFD flux surrogate (CPU, minutes)
+  lumos demo                 the whole pipeline on the built-in CFD flux surrogate (about 30 s on 2 CPU cores)
   lumos run cfd_flux ...     the same on a named built-in workload, with options
   lumos bench                dense vs compacted CPU latency of an MLP at 75% and 90% pruned
 """
