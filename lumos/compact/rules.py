@@ -86,14 +86,19 @@ class GetAttr(Rule):
         return obj.numel() if isinstance(obj, nn.Parameter) else 0
 
 
+def keep_inputs_whole(node: fx.Node, plan: ChannelPlan) -> None:
+    """Every tracked input of ``node`` keeps all its channels, and ``node`` reads them all."""
+    for arg in _input_nodes(node):
+        if arg in plan.space_of:
+            plan.pin(plan.space_of[arg])
+            plan.consume(plan.space_of[arg])
+
+
 class Opaque(Rule):
     """An op lumos has no rule for: its inputs and output keep every channel (safe and exact)."""
 
     def analyze(self, node, plan):
-        for arg in _input_nodes(node):
-            if arg in plan.space_of:
-                plan.pin(plan.space_of[arg])
-                plan.consume(plan.space_of[arg])
+        keep_inputs_whole(node, plan)
         if node_shape(node) is not None and len(node_shape(node)) > 0:
             plan.pin(plan.new_space(node, -1))
 
@@ -119,20 +124,12 @@ class Placeholder(Rule):
         if not (first and not self.keep_input_shape):
             plan.pin(space)
 
-    def build(self, node, b):
-        b.copy(node)
-        if node in b.plan.space_of:
-            b.const[node] = torch.zeros(b.plan.space_of[node].size, dtype=torch.float64)
-
 
 class Output(Rule):
     """The model output keeps every channel."""
 
     def analyze(self, node, plan):
-        for arg in _input_nodes(node):
-            if arg in plan.space_of:
-                plan.pin(plan.space_of[arg])
-                plan.consume(plan.space_of[arg])
+        keep_inputs_whole(node, plan)
 
 
 def eval_mask(gate, n: int) -> torch.Tensor:
@@ -168,7 +165,6 @@ class FeatureGateRule(Rule):
             b.env[node] = b.env[x]
         else:
             b.env[node] = b.call_module(node.target, InputSelect(index, scale, fg.dim), (b.env[x],))
-        b.const[node] = torch.zeros(out_space.size, dtype=torch.float64)
 
 
 class ChannelMapRule(Rule):

@@ -35,8 +35,8 @@ from torch import fx, nn
 
 from ..nn.conv import GATED_CONVS
 from .rules import (FUNCTION_RULES, METHOD_RULES, ChannelMapRule, Elementwise, LayerCost, NormRule, Opaque, Rule,
-                    const_by_function, eval_mask, register_function_rule, register_method_rule,
-                    register_module_rule)
+                    const_by_function, eval_mask, keep_inputs_whole, register_function_rule,
+                    register_method_rule, register_module_rule)
 from .trace import node_shape
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -188,10 +188,7 @@ class ConvRule(ChannelMapRule):
 
     def analyze(self, node, plan):
         if self._whole(node, plan):
-            for arg in node.all_input_nodes:
-                if arg in plan.space_of:
-                    plan.pin(plan.space_of[arg])
-                    plan.consume(plan.space_of[arg])
+            keep_inputs_whole(node, plan)
             plan.pin(plan.new_space(node, 1))
             return
         self.analyze_channels(node, plan)
