@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -65,10 +66,7 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
     plan, _ = plan_model(_Plain(model, feature_dim), example_inputs, leaf_modules=leaf_modules)
     outputs = [plan.space_of[a] for n in plan.gm.graph.nodes if n.op == "output"
                for a in n.all_input_nodes if a in plan.space_of]
-    calls: dict[str, int] = {}
-    for node in plan.gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = Counter(node.target for node in plan.gm.graph.nodes if node.op == "call_module")
     chosen, skipped = [], {}
     for name, module in model.named_modules():
         if type(module) not in GATED_LAYERS:
