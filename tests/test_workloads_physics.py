@@ -6,7 +6,6 @@ import random
 import pytest
 import torch
 
-from lumos import workloads
 from lumos.workloads import cosmo3d, em_denoise, md_forces, molecules, vit_fields
 from lumos.workloads.graphs import GraphSet
 from lumos.workloads.spectral import apply_transfer, gaussian_random_fields, wavenumbers

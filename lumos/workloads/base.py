@@ -96,6 +96,17 @@ def standardise(x: torch.Tensor, n_train: int, dims: tuple[int, ...] = (0,)) -> 
     return ((x.double() - mean) / scale).float(), {"mean": mean, "scale": scale}
 
 
+def standardise_table(x: torch.Tensor, y: torch.Tensor, n_train: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Tabular inputs ``(n, f)`` and targets ``(n, k)`` standardised per column with the first
+    ``n_train`` rows; ``stats`` holds ``x_mean``, ``x_scale`` ``(f,)`` and ``y_mean``, ``y_scale``
+    ``(k,)`` (float64) to undo it."""
+    x, x_stats = standardise(x, n_train)
+    y, y_stats = standardise(y, n_train)
+    stats = {"x_mean": x_stats["mean"][0], "x_scale": x_stats["scale"][0],
+             "y_mean": y_stats["mean"][0], "y_scale": y_stats["scale"][0]}
+    return x, y, stats
+
+
 def size_params(sizes: dict[str, dict], size: str, overrides: dict, who: str) -> dict:
     """The parameters of ``size`` from a workload's ``SIZES`` table, updated by ``overrides``
     (each must name a known parameter; None keeps the size's value)."""

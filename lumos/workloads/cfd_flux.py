@@ -31,7 +31,7 @@ from torch import nn
 
 from ..metrics import r2_score
 
-from .base import Workload, fit_defaults, mlp, size_params, split_rows, standardise
+from .base import Workload, fit_defaults, mlp, size_params, split_rows, standardise_table
 
 GAMMA = 1.4
 STATE_NAMES = ["rho_L", "u_L", "p_L", "rho_R", "u_R", "p_R"]
@@ -90,10 +90,7 @@ def load(size: str = "full", *, seed: int = 0, **overrides) -> Workload:
     x = low + (high - low) * torch.rand(n_total, n_features, generator=gen, dtype=torch.float64)
     y = rusanov_flux(x[:, :6])
 
-    x, x_stats = standardise(x, n_train)
-    y, y_stats = standardise(y, n_train)
-    stats = {"x_mean": x_stats["mean"][0], "x_scale": x_stats["scale"][0],
-             "y_mean": y_stats["mean"][0], "y_scale": y_stats["scale"][0]}
+    x, y, stats = standardise_table(x, y, n_train)
     train, val, test = split_rows(x, y, n_train, n_val)
 
     def make_model(hidden=params["hidden"], activation=nn.SiLU) -> nn.Sequential:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..metrics import r2_score
-from .base import Workload, fit_defaults, uniform, size_params, split_rows, standardise
+from .base import Workload, fit_defaults, size_params, split_rows, standardise, uniform
 from .spectral import gaussian_random_fields, wavenumbers
 
 PRIORS = {"sigma": (0.5, 1.5), "n": (-2.5, -1.0), "b": (1.0, 3.0)}

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..metrics import r2_score
-from .base import Workload, fit_defaults, uniform, mlp, size_params, split_rows, standardise
+from .base import Workload, fit_defaults, mlp, size_params, split_rows, standardise_table, uniform
 
 PHYSICS = {  # name -> uniform range; bond lengths are r0 + displacement
     "D": (2.0, 6.0), "a": (1.5, 2.5), "r0": (1.0, 1.3),
@@ -103,10 +103,7 @@ def load(size: str = "full", *, seed: int = 0, **overrides) -> Workload:
     physics = torch.stack([draw[name] for name in FEATURE_NAMES], dim=1)
     distractors = torch.stack([uniform(n, rng, gen) for rng in DISTRACTORS.values()], dim=1)
     y = fragment_forces(physics)
-    x, x_stats = standardise(torch.cat([physics, distractors], dim=1), n_train)
-    y, y_stats = standardise(y, n_train)
-    stats = {"x_mean": x_stats["mean"][0], "x_scale": x_stats["scale"][0],
-             "y_mean": y_stats["mean"][0], "y_scale": y_stats["scale"][0]}
+    x, y, stats = standardise_table(torch.cat([physics, distractors], dim=1), y, n_train)
     train, val, test = split_rows(x, y, n_train, n_val)
     n_features = x.shape[1]
 
