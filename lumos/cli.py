@@ -43,6 +43,7 @@ def _add_run_options(parser: argparse.ArgumentParser, default_out: str, default_
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation.bench import BASELINES
     from .workloads import available
 
     parser = argparse.ArgumentParser(prog="lumos", description=DESCRIPTION,
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
     bench.add_argument("--targets", type=float, nargs="+", default=[0.2],
                        help="lumos targets, fractions of the parameters to keep (default 0.2)")
+    bench.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES), metavar="METHOD",
+                       help="peer methods to run beside dense and lumos, any of " + ", ".join(BASELINES)
+                            + " (default all; none: only dense and lumos, e.g. to check feature selection on "
+                              "more seeds)")
     bench.add_argument("--repeats", type=int, default=50, help="timed forwards per model (default 50)")
     bench.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     latency = sub.add_parser("latency", help="dense vs compacted CPU latency of an MLP at 75%% and 90%% pruned")
@@ -121,7 +126,7 @@ def _bench(args) -> int:
               f"{args.repeats}", file=sys.stderr)
         return 2
     results = run_bench(args.workloads or None, size=args.size, seeds=args.seeds, targets=args.targets,
-                        out_dir=args.out, repeats=args.repeats, command="lumos " + shlex.join(args.argv),
+                        baselines_to_run=args.baselines, out_dir=args.out, repeats=args.repeats, command="lumos " + shlex.join(args.argv),
                         progress=args.progress)
     from .evaluation.results import to_markdown
 

@@ -87,3 +87,18 @@ def test_relative_loss_direction():
     assert relative_loss(0.98, 1.0, True) == pytest.approx(0.02)
     assert relative_loss(0.011, 0.010, False) == pytest.approx(0.1)
     assert relative_loss(0.009, 0.010, False) < 0
+
+
+def test_without_baselines_only_dense_and_lumos_run_and_the_check_says_so(tmp_path):
+    data = run_bench(["cfd_flux"], size="small", baselines_to_run=(), out_dir=tmp_path, repeats=2,
+                     log=lambda *a: None)
+    assert [r["method"] for r in data["rows"]] == ["dense", "lumos"]
+    assert data["rows"][1]["layer_widths"][-1] == 3  # the output layer keeps its width
+    assert "n/a (no baseline ran)" in (tmp_path / "results.md").read_text()
+
+
+def test_unknown_workload_or_baseline_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown workload"):
+        run_bench(["nope"], out_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown baseline"):
+        run_bench(["cfd_flux"], baselines_to_run=("magnitude",), out_dir=tmp_path)

@@ -46,6 +46,13 @@ def relative_loss(metric: float, dense: float, higher_is_better: bool) -> float:
     return worse / max(abs(dense), 1e-12)
 
 
+def layer_widths(model: nn.Module) -> list[int]:
+    """Output width of every linear and conv layer of ``model``, in module order (what a structured
+    method kept)."""
+    return [m.out_features if isinstance(m, nn.Linear) else m.out_channels for m in model.modules()
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+
+
 def _row(work: workloads.Workload, method: str, *, seed: int, target: float, model: nn.Module | None,
          dense: dict, train_seconds: float | None, features_kept: list[str] | None, params_kept: float | None = None,
          flops_kept: float | None = None, skipped: str | None = None, note: str = "", repeats: int = 50) -> dict:
@@ -79,6 +86,7 @@ def _row(work: workloads.Workload, method: str, *, seed: int, target: float, mod
         "energy_j": inference["energy"]["joules"], "energy_method": inference["energy"]["method"],
         "train_seconds": train_seconds,
         "train_time_ratio": train_seconds / dense["train_seconds"] if train_seconds is not None else None,
+        "layer_widths": layer_widths(model),
         "features_kept": kept_features,
         "features_correct": sorted(kept_features) == sorted(work.informative_features),
     })
@@ -98,9 +106,13 @@ def _baseline(method: str, outcome: LumosOutcome, fraction: float, dense_params:
     return model, kept, f"ratio {ratio:.3f}"
 
 
-def bench_workload(name: str, *, size: str = "small", seed: int = 0, target: float = 0.2, repeats: int = 50,
-                   progress: bool = False, log=print) -> list[dict]:
-    """The rows of every method in :data:`METHODS` on workload ``name`` (see the module docstring)."""
+BASELINES = METHODS[2:]
+
+
+def bench_workload(name: str, *, size: str = "small", seed: int = 0, target: float = 0.2,
+                   baselines_to_run=BASELINES, repeats: int = 50, progress: bool = False, log=print) -> list[dict]:
+    """The rows of ``dense``, ``lumos`` and each of ``baselines_to_run`` on workload ``name`` (see the
+    module docstring)."""
     work = workloads.load(name, size, seed=seed)
     outcome = run_lumos(work, target=target, cost="params", seed=seed, progress=progress, log=log)
     fine_tune_epochs = work.fit_defaults["epochs"] + work.fit_defaults["fine_tune_epochs"]
@@ -117,7 +129,7 @@ def bench_workload(name: str, *, size: str = "small", seed: int = 0, target: flo
     rows.append(_row(work, "lumos", model=outcome.fine_tuned, train_seconds=lumos_seconds,
                      features_kept=outcome.report.kept_features, **common))
     fraction = rows[-1]["params_kept"]
-    for method in METHODS[2:]:
+    for method in baselines_to_run:
         log(f"[{method}] pruning to {fraction:.1%} of the parameters, fine-tuning {fine_tune_epochs} epochs")
         start = time.perf_counter()
         try:
@@ -149,10 +161,11 @@ def machine() -> dict:
 
 
 def run_bench(names: list[str] | None = None, *, size: str = "small", seeds=(0,), targets=(0.2,),
-              out_dir: str | Path = "lumos-bench", repeats: int = 50, command: str = "", progress: bool = False,
-              log=print) -> dict:
-    """Bench ``names`` (default: every workload) for each seed and target; write
-    ``results.md``, ``results.json`` and (with matplotlib) ``results.png`` into ``out_dir``.
+              baselines_to_run=BASELINES, out_dir: str | Path = "lumos-bench", repeats: int = 50, command: str = "",
+              progress: bool = False, log=print) -> dict:
+    """Bench ``names`` (default: every workload) for each seed and target with the dense model,
+    lumos and ``baselines_to_run`` (a subset of :data:`BASELINES`); write ``results.md``,
+    ``results.json`` and (with matplotlib) ``results.png`` into ``out_dir``.
 
     Returns:
         The results dict written to ``results.json`` (``rows``, ``protocol``, ``machine``...), plus
@@ -161,14 +174,18 @@ def run_bench(names: list[str] | None = None, *, size: str = "small", seeds=(0,)
     names = list(names or workloads.available())
     for name in names:
         workloads.describe(name)  # unknown names fail before any training
+    unknown = sorted(set(baselines_to_run) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"lumos.evaluation.run_bench: unknown baseline(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(BASELINES)}")
     started = time.perf_counter()
     rows = []
     for name in names:
         for seed in seeds:
             for target in targets:
                 log(f"== {name} ({size}), seed {seed}, target {target:.0%} of parameters")
-                rows += bench_workload(name, size=size, seed=seed, target=target, repeats=repeats,
-                                       progress=progress, log=log)
+                rows += bench_workload(name, size=size, seed=seed, target=target, baselines_to_run=baselines_to_run,
+                                       repeats=repeats, progress=progress, log=log)
     results = {"command": command, "size": size, "seeds": list(seeds), "targets": list(targets),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "wall_seconds": time.perf_counter() - started, "machine": machine(), "protocol": PROTOCOL,
@@ -178,4 +195,4 @@ def run_bench(names: list[str] | None = None, *, size: str = "small", seeds=(0,)
     return results
 
 
-__all__ = ["METHODS", "PROTOCOL", "bench_workload", "relative_loss", "run_bench"]
+__all__ = ["BASELINES", "METHODS", "PROTOCOL", "bench_workload", "relative_loss", "run_bench"]

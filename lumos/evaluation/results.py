@@ -69,7 +69,8 @@ def acceptance(rows: list[dict]) -> list[dict]:
             "workload": r["workload"], "seed": r["seed"], "target": r["target"],
             "params_kept": r["params_kept"], "params_ok": r["params_kept"] <= MAX_PARAMS_KEPT,
             "relative_loss": r["relative_loss"], "loss_ok": r["relative_loss"] <= MAX_RELATIVE_LOSS,
-            "beaten_by": beaten_by, "features_ok": r["features_correct"], "features_kept": r["features_kept"],
+            "baselines": [p["method"] for p in peers], "beaten_by": beaten_by,
+            "features_ok": r["features_correct"], "features_kept": r["features_kept"],
         })
     return checks
 
@@ -110,10 +111,15 @@ def to_markdown(results: dict) -> str:
               "| workload | seed | target | params kept <= 30% | loss <= 1% | >= every baseline | exact features |",
               "|---|---:|---:|---|---|---|---|"]
     for c in checks:
+        if not c["baselines"]:
+            versus = "n/a (no baseline ran)"
+        elif c["beaten_by"]:
+            versus = f"**no** (below {', '.join(c['beaten_by'])})"
+        else:
+            versus = "yes"
         lines.append(f"| {c['workload']} | {c['seed']} | {c['target']:.0%} | {_mark(c['params_ok'])} "
                      f"({_pct(c['params_kept'])}) | {_mark(c['loss_ok'])} ({_pct(c['relative_loss'], 2)}) | "
-                     f"{_mark(not c['beaten_by'])}{' (below ' + ', '.join(c['beaten_by']) + ')' if c['beaten_by'] else ''}"
-                     f" | {_mark(c['features_ok'])} |")
+                     f"{versus} | {_mark(c['features_ok'])} |")
     skipped = [r for r in rows if r["skipped"]]
     if skipped:
         lines += ["", "## Skipped", ""] + [f"- {r['workload']} / {r['method']}: {r['skipped']}" for r in skipped]
