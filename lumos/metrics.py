@@ -18,7 +18,7 @@ from torch import nn
 from .report import count_flops, count_params
 
 __all__ = ["accuracy", "count_flops", "count_params", "energy", "latency", "measure_inference", "mse",
-           "peak_memory", "r2_score"]
+           "paired_latency", "peak_memory", "r2_score"]
 
 
 def r2_score(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -49,28 +49,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _as_tuple(inputs) -> tuple:
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def _summary(times: list[float], inputs: tuple) -> dict:
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "repeats": len(times),
+            "threads": torch.get_num_threads(), "device": str(inputs[0].device)}
+
+
 @torch.inference_mode()
-def latency(model: nn.Module, inputs: tuple | torch.Tensor, repeats: int = 50, warmup: int = 5) -> dict:
-    """Wall-clock time of ``model(*inputs)`` in eval mode: median and 20th/80th percentiles (ms)."""
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+def _timings(models: list[nn.Module], inputs: tuple, repeats: int, warmup: int) -> list[list[float]]:
+    """Wall-clock ms of ``repeats`` calls of each model in eval mode, the models taking turns (their
+    order alternating every round) so that a change of machine load hits them alike."""
     if repeats < 1:
         raise ValueError(f"latency: `repeats` must be >= 1, got {repeats}")
     device = inputs[0].device
-    was_training = model.training
-    model.eval()
-    for _ in range(warmup):
-        model(*inputs)
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+        for _ in range(warmup):
+            m(*inputs)
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(*inputs)
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    model.train(was_training)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "repeats": repeats,
-            "threads": torch.get_num_threads(), "device": str(device)}
+    times = [[] for _ in models]
+    for r in range(repeats):
+        order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
+        for i in order:
+            start = time.perf_counter()
+            models[i](*inputs)
+            _sync(device)
+            times[i].append((time.perf_counter() - start) * 1e3)
+    for m, mode in zip(models, modes):
+        m.train(mode)
+    return times
+
+
+def latency(model: nn.Module, inputs: tuple | torch.Tensor, repeats: int = 50, warmup: int = 5) -> dict:
+    """Wall-clock time of ``model(*inputs)`` in eval mode: median and 20th/80th percentiles (ms)."""
+    inputs = _as_tuple(inputs)
+    return _summary(_timings([model], inputs, repeats, warmup)[0], inputs)
+
+
+def paired_latency(reference: nn.Module, model: nn.Module, inputs: tuple | torch.Tensor, repeats: int = 50,
+                   warmup: int = 5) -> tuple[dict, dict]:
+    """:func:`latency` of ``reference`` and of ``model``, timed in alternation (fair on a shared
+    machine); ``reference_median / model_median`` is the speedup."""
+    inputs = _as_tuple(inputs)
+    ref_times, model_times = _timings([reference, model], inputs, repeats, warmup)
+    return _summary(ref_times, inputs), _summary(model_times, inputs)
 
 
 @contextlib.contextmanager
@@ -129,7 +156,7 @@ def peak_memory(model: nn.Module, inputs: tuple | torch.Tensor) -> dict:
     Returns:
         ``{"bytes": int | None, "method": str}``.
     """
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    inputs = _as_tuple(inputs)
     device = inputs[0].device
     resident = _tensor_bytes(list(model.parameters()) + list(model.buffers()) + list(inputs))
     was_training = model.training
@@ -190,7 +217,7 @@ def energy(model: nn.Module, inputs: tuple | torch.Tensor, repeats: int = 20) ->
     Returns:
         ``{"joules": float | None, "method": str, "repeats": int}``.
     """
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    inputs = _as_tuple(inputs)
     device = inputs[0].device
     if device.type == "cuda":
         try:
@@ -228,8 +255,19 @@ def energy(model: nn.Module, inputs: tuple | torch.Tensor, repeats: int = 20) ->
     return {"joules": joules / repeats, "method": method, "repeats": repeats}
 
 
-def measure_inference(model: nn.Module, inputs: tuple | torch.Tensor, repeats: int = 50) -> dict:
+def measure_inference(model: nn.Module, inputs: tuple | torch.Tensor, repeats: int = 50,
+                      reference: nn.Module | None = None) -> dict:
     """Latency (:func:`latency`), peak memory (:func:`peak_memory`) and energy (:func:`energy`)
-    of ``model(*inputs)``, in one dict: ``latency``, ``memory``, ``energy``."""
-    return {"latency": latency(model, inputs, repeats=repeats), "memory": peak_memory(model, inputs),
-            "energy": energy(model, inputs, repeats=max(1, repeats // 2))}
+    of ``model(*inputs)``, in one dict: ``latency``, ``memory``, ``energy``. With a
+    ``reference`` model, the two are timed in alternation (:func:`paired_latency`), the
+    reference's latency is added as ``reference_latency`` and ``speedup`` is reference median /
+    model median."""
+    out = {}
+    if reference is None:
+        out["latency"] = latency(model, inputs, repeats=repeats)
+    else:
+        out["reference_latency"], out["latency"] = paired_latency(reference, model, inputs, repeats=repeats)
+        out["speedup"] = out["reference_latency"]["median_ms"] / out["latency"]["median_ms"]
+    out["memory"] = peak_memory(model, inputs)
+    out["energy"] = energy(model, inputs, repeats=max(1, repeats // 2))
+    return out

@@ -67,7 +67,11 @@ def _row(work: workloads.Workload, method: str, *, seed: int, target: float, mod
         return {**row, "metric": None, "params": None, "params_kept": None, "flops_kept": None,
                 "cpu_speedup": None, "train_time_ratio": None, "features_kept": None}
     batch = inference_inputs(work)
-    inference = dense["inference"] if method == "dense" else measure_inference(model, batch, repeats)
+    if method == "dense":
+        inference, speedup = dense["inference"], 1.0
+    else:  # timed in alternation with the dense model: fair under a changing machine load
+        inference = measure_inference(model, batch, repeats, reference=dense["model"])
+        speedup = inference["speedup"]
     metric = evaluate_split(model, work, "test")
     params = count_params(model)
     kept_features = features_kept if features_kept is not None else list(work.feature_names)
@@ -78,7 +82,7 @@ def _row(work: workloads.Workload, method: str, *, seed: int, target: float, mod
         "params_kept": params_kept if params_kept is not None else params / dense["params"],
         "flops_kept": flops_kept if flops_kept is not None
         else flops_per_sample(work, model, example_inputs(work)) / dense["flops"],
-        "cpu_speedup": dense["inference"]["latency"]["median_ms"] / inference["latency"]["median_ms"],
+        "cpu_speedup": speedup,
         "latency_ms": inference["latency"]["median_ms"],
         "latency_batch": batch_label(work, batch),
         "threads": inference["latency"]["threads"],
@@ -121,7 +125,7 @@ def bench_workload(name: str, *, size: str = "small", seed: int = 0, target: flo
     dense = {"metric": evaluate_split(outcome.dense, work, "test"), "params": count_params(outcome.dense),
              "flops": flops_per_sample(work, outcome.dense, example_inputs(work)),
              "inference": measure_inference(outcome.dense, inference_inputs(work), repeats),
-             "train_seconds": dense_seconds}
+             "train_seconds": dense_seconds, "model": outcome.dense}
     common = dict(seed=seed, target=target, dense=dense, repeats=repeats)
     rows = [_row(work, "dense", model=outcome.dense, train_seconds=dense_seconds, features_kept=None,
                  params_kept=1.0, flops_kept=1.0, **common)]
