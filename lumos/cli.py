@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                             + " (default all; none: only dense and lumos, e.g. to check feature selection on "
                               "more seeds)")
     bench.add_argument("--repeats", type=int, default=50, help="timed forwards per model (default 50)")
+    bench.add_argument("--note", default="", help="a line printed under the title of results.md")
     bench.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     latency = sub.add_parser("latency", help="dense vs compacted CPU latency of an MLP at 75%% and 90%% pruned")
     latency.add_argument("--rows", type=int, default=4096, help="batch rows (default 4096)")
@@ -126,8 +127,8 @@ def _bench(args) -> int:
               f"{args.repeats}", file=sys.stderr)
         return 2
     results = run_bench(args.workloads or None, size=args.size, seeds=args.seeds, targets=args.targets,
-                        baselines_to_run=args.baselines, out_dir=args.out, repeats=args.repeats, command="lumos " + shlex.join(args.argv),
-                        progress=args.progress)
+                        baselines_to_run=args.baselines, out_dir=args.out, repeats=args.repeats, note=args.note,
+                        command="lumos " + shlex.join(args.argv), progress=args.progress)
     from .evaluation.results import to_markdown
 
     print(to_markdown(results))

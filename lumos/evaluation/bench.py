@@ -166,10 +166,11 @@ def machine() -> dict:
 
 def run_bench(names: list[str] | None = None, *, size: str = "small", seeds=(0,), targets=(0.2,),
               baselines_to_run=BASELINES, out_dir: str | Path = "lumos-bench", repeats: int = 50, command: str = "",
-              progress: bool = False, log=print) -> dict:
+              note: str = "", progress: bool = False, log=print) -> dict:
     """Bench ``names`` (default: every workload) for each seed and target with the dense model,
     lumos and ``baselines_to_run`` (a subset of :data:`BASELINES`); write ``results.md``,
-    ``results.json`` and (with matplotlib) ``results.png`` into ``out_dir``.
+    ``results.json`` and (with matplotlib) ``results.png`` into ``out_dir``; ``note`` is printed
+    under the title of ``results.md`` (e.g. what the numbers are a snapshot of).
 
     Returns:
         The results dict written to ``results.json`` (``rows``, ``protocol``, ``machine``...), plus
@@ -190,7 +191,7 @@ def run_bench(names: list[str] | None = None, *, size: str = "small", seeds=(0,)
                 log(f"== {name} ({size}), seed {seed}, target {target:.0%} of parameters")
                 rows += bench_workload(name, size=size, seed=seed, target=target, baselines_to_run=baselines_to_run,
                                        repeats=repeats, progress=progress, log=log)
-    results = {"command": command, "size": size, "seeds": list(seeds), "targets": list(targets),
+    results = {"command": command, "note": note, "size": size, "seeds": list(seeds), "targets": list(targets),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "wall_seconds": time.perf_counter() - started, "machine": machine(), "protocol": PROTOCOL,
                "rows": rows}

@@ -83,8 +83,10 @@ def to_markdown(results: dict) -> str:
     """The whole ``results.md``."""
     rows = results["rows"]
     m = results["machine"]
-    lines = [f"# lumos bench ({results['size']})", "",
-             f"Command: `{results['command']}`  ", f"Date: {results['date']}; wall time "
+    lines = [f"# lumos bench ({results['size']})", ""]
+    if results.get("note"):
+        lines += [f"**{results['note']}**", ""]
+    lines += [f"Command: `{results['command']}`  ", f"Date: {results['date']}; wall time "
              f"{results['wall_seconds'] / 60:.1f} min  ",
              f"Machine: {m['processor']}, {m['platform']}, torch {m['torch']}, {m['threads']} threads", "",
              f"Protocol: {results['protocol']}", "",
