@@ -10,7 +10,7 @@ lumos shrinks scientific-ML models in one training run: L0 gates learn which inp
 matter and how wide each layer should be, then the model is compacted into plain, smaller
 PyTorch layers.
 
-  lumos demo                 the whole pipeline on the built-in CFD flux surrogate (about a minute on 2 CPU cores)
+  lumos demo                 the whole pipeline on the built-in CFD flux surrogate (no download)
   lumos run WORKLOAD ...     the same on any built-in workload, with options (lumos run --help lists them)
   lumos bench [WORKLOAD ...] lumos vs dense vs L1 / Torch-Pruning / unstructured pruning on the workloads
   lumos latency              dense vs compacted CPU latency of an MLP at 75% and 90% pruned
