@@ -8,7 +8,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .compact import plan_model
+from .plan import plan_model
+from .plan.planner import kept_whole
+from .plan.trace import has_hooks
 from .model import GatedModel, as_input_tuple
 from .nn import FeatureGate, GatedLinear
 from .nn import GatedGINEAggregation, GatedMultiheadAttention, GINEAggregation
@@ -55,38 +57,62 @@ def _example_slice(example_inputs: tuple) -> tuple:
     return tuple(out)
 
 
+# layers whose rule also prunes parts of them: those parts are not gated on their own
+PRUNED_INSIDE = (nn.MultiheadAttention, GINEAggregation)
+
+
+def _whole_reason(gm, name: str, calls: Counter) -> str:
+    """Why the plan keeps the module ``name`` whole."""
+    module = gm.get_submodule(name)
+    if has_hooks(module):
+        return "has forward hooks or pre-hooks (kept whole so that they keep running on it)"
+    if calls[name] > 1:
+        return "called more than once per forward (shared weights)"
+    if any(n.op == "get_attr" and n.target.startswith(name + ".") for n in gm.graph.nodes):
+        return "its weights are also read directly in forward (tied weights)"
+    return "named in leaf_modules (kept whole)"
+
+
 def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
                    leaf_modules: Iterable) -> tuple[list[str], dict[str, str]]:
     """Which supported layers to gate, and why the others are left alone.
 
     A layer is worth gating only if its output channels can really be removed: not when it
-    produces the model's output, or feeds an op that needs every channel (LayerNorm, an op
-    lumos has no rule for); the channel plan of the ungated model says which.
+    produces the model's output, or feeds ops that need every channel (an op lumos keeps whole;
+    a LayerNorm followed by an activation). The channel plan of the ungated model with every
+    layer's outputs assumed closed says which: a layer none of whose channels it drops stays
+    ungated.
     """
-    plan, _ = plan_model(_Plain(model, feature_dim), example_inputs, leaf_modules=leaf_modules)
+    plan, records = plan_model(_Plain(model, feature_dim), example_inputs, leaf_modules=leaf_modules,
+                               who="lumos.gate", assume_closed=True)
     outputs = [plan.space_of[a] for n in plan.gm.graph.nodes if n.op == "output"
                for a in n.all_input_nodes if a in plan.space_of]
     calls = Counter(node.target for node in plan.gm.graph.nodes if node.op == "call_module")
+    whole = kept_whole(plan.gm)
     chosen, skipped = [], {}
     for name, module in model.named_modules():
         if type(module) not in GATED_LAYERS:
             continue
-        if any(name.startswith(called + ".") for called in calls):
-            continue  # part of a layer traced whole (a GINE aggregation's edge embedding): its rule prunes it
+        parent = next((called for called in calls if name.startswith(called + ".")), None)
+        if parent is not None:
+            if not isinstance(plan.module_of(parent), PRUNED_INSIDE) or parent in whole:
+                kind = type(plan.module_of(parent)).__name__
+                skipped[name] = f"inside `{parent}` ({kind}), which lumos keeps whole (traced as one call)"
+            continue
         if calls.get(name, 0) == 0:
             skipped[name] = "never called in forward (or called inside a leaf module)"
             continue
-        if calls[name] > 1:
-            skipped[name] = "called more than once per forward (shared weights)"
+        if name in whole:
+            skipped[name] = _whole_reason(plan.gm, name, calls)
             continue
         node = next(n for n in plan.gm.graph.nodes if n.op == "call_module" and n.target == name)
-        space = plan.space_of[node]
-        if bool(plan.pinned_mask(space).all()):
+        space = plan.space_of.get(node)
+        if space is not None and bool(plan.kept_mask(space).all()):
             if any(plan.same_group(space, out) for out in outputs):
                 skipped[name] = "produces the model's output, whose width is fixed"
             else:
-                skipped[name] = ("feeds an op that needs every channel (e.g. LayerNorm, "
-                                 "or an op lumos keeps whole)")
+                skipped[name] = ("its outputs feed ops that need every channel (an op lumos keeps whole, "
+                                 "or a LayerNorm followed by an activation)")
             continue
         chosen.append(name)
     return chosen, skipped
