@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .plan import plan_model
+from .plan import check_not_meta, plan_model
 from .plan.planner import kept_whole
 from .plan.trace import has_hooks
 from .model import GatedModel, as_input_tuple
@@ -153,6 +153,7 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     if not isinstance(model, nn.Module):
         raise TypeError(f"lumos.gate: `model` must be a torch.nn.Module, got {type(model).__name__}")
     example_inputs = as_input_tuple(example_inputs, "lumos.gate")
+    check_not_meta(model, example_inputs, "lumos.gate")
     supported = [name for name, m in model.named_modules() if type(m) in GATED_LAYERS]
     if not supported:
         found = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})

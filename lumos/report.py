@@ -13,7 +13,7 @@ from .compact import check_gates
 from .gates import HardConcreteGate
 from .model import as_input_tuple
 from .nn import FeatureGate
-from .plan import default_inputs, plan_model
+from .plan import check_not_meta, default_inputs, plan_model
 
 def count_params(model: nn.Module) -> int:
     """Parameters of ``model``, gate logits excluded."""
@@ -144,9 +144,10 @@ def report(gated: nn.Module, example_inputs=None, *, leaf_modules=None) -> Repor
     """
     if not isinstance(gated, nn.Module):
         raise TypeError(f"lumos.report: `gated` must be an nn.Module, got {type(gated).__name__}")
-    check_gates(gated, "lumos.report")
     inputs = as_input_tuple(example_inputs, "lumos.report") if example_inputs is not None \
         else default_inputs(gated, "lumos.report")
+    check_not_meta(gated, inputs, "lumos.report")
+    check_gates(gated, "lumos.report")
     plan, records = plan_model(gated, inputs, leaf_modules=leaf_modules, who="lumos.report")
     out = Report(skipped=dict(getattr(gated, "skipped", {})))
     for node in plan.gm.graph.nodes:

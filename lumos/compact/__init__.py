@@ -18,7 +18,7 @@ from torch import fx, nn
 from ..gates import gates_of
 from ..model import GatedModel, as_input_tuple
 from ..nn import FeatureGate
-from ..plan import CompactionError, TraceError, default_inputs, plan_model
+from ..plan import CompactionError, TraceError, check_not_meta, default_inputs, plan_model
 from ..plan.ops_io import Attribute
 from .builder import copy_hooks
 from .check import self_check
@@ -83,9 +83,10 @@ def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
     """
     if not isinstance(gated, nn.Module):
         raise TypeError(f"lumos.compact: `gated` must be an nn.Module, got {type(gated).__name__}")
-    check_gates(gated, "lumos.compact")
     inputs = as_input_tuple(example_inputs, "lumos.compact") if example_inputs is not None \
         else default_inputs(gated)
+    check_not_meta(gated, inputs, "lumos.compact")
+    check_gates(gated, "lumos.compact")
     plan, records = plan_model(gated, inputs, leaf_modules=leaf_modules, keep_input_shape=keep_input_shape)
     _refuse_tied_gated_layers(plan)
     feature_node = next((n for n in plan.gm.graph.nodes if n.op == "call_module"

@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from .channels import AFFINE, CONST, FREE, ChannelPlan
 from .ops_io import attr_space
+from .ops_shape import channel_count
 from .record import Context, Record, whole
 from .trace import node_shape
 
@@ -116,12 +117,14 @@ def _stat_norm(node: fx.Node, plan: ChannelPlan, kind: str, reduce_dims: tuple[i
     return StatNorm(kind == "rms", reduce_dims, weight, bias, eps)
 
 
-def _last_dim_norm(node: fx.Node, plan: ChannelPlan, normalized_shape) -> bool:
+def _last_dim_norm(node: fx.Node, plan: ChannelPlan, normalized_shape, ctx: Context | None = None) -> bool:
     x = node.args[0] if node.args else None
     space = plan.space_of.get(x) if isinstance(x, fx.Node) else None
     shape = node_shape(x) if space is not None else None
     shape_size = list(normalized_shape) if isinstance(normalized_shape, (tuple, list, torch.Size)) \
         else [normalized_shape]
+    if ctx is not None:  # (x.shape[-1],): a read of the channel count is that number
+        shape_size = [channel_count(s, ctx) if isinstance(s, fx.Node) else s for s in shape_size]
     return (space is not None and shape is not None and len(shape_size) == 1 and space.dim == len(shape) - 1
             and shape_size[0] == shape[-1])
 
@@ -146,7 +149,7 @@ def analyze_layer_norm_function(node: fx.Node, plan: ChannelPlan, ctx: Context) 
     weight, bias = args.get("weight"), args.get("bias")
     attrs_ok = all(a is None or (isinstance(a, fx.Node) and a.op == "get_attr" and len(a.users) == 1
                                  and a not in plan.space_of) for a in (weight, bias))
-    if not attrs_ok or not _last_dim_norm(node, plan, args.get("normalized_shape")):
+    if not attrs_ok or not _last_dim_norm(node, plan, args.get("normalized_shape"), ctx):
         return whole(node, plan)
     eps = args.get("eps", None if rms else 1e-5)
     return _stat_norm(node, plan, "rms" if rms else "layer", (-1,), weight, bias, eps)

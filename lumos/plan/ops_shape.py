@@ -156,12 +156,12 @@ def reshape_sizes(node: fx.Node) -> list | None:
 
 def analyze_reshape(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
     """view/reshape/flatten/squeeze/unsqueeze (methods, functions, ``nn.Flatten``, ``nn.Unflatten``)."""
-    x, space = tracked_input(node, plan)
-    if space is None:
-        return Copy()
     shuffle = analyze_shuffle(node, plan)
     if shuffle is not None:
         return shuffle
+    x, space = tracked_input(node, plan)
+    if space is None:
+        return Copy()
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if node.op == "call_module":
         name = "flatten" if isinstance(plan.module(node), nn.Flatten) else "unflatten"
@@ -568,6 +568,24 @@ class ShapeItem(Record):
     """An item of a whole shape: the channel count is emitted as the original number."""
 
     channel_dim: int | None
+
+
+def channel_count(node: fx.Node, ctx: Context) -> int | None:
+    """The channel count ``node`` reads (``x.size(d)``, ``x.shape[d]`` of a tracked dim ``d``),
+    a fixed number; None when it reads anything else."""
+    record = ctx.records.get(node)
+    if isinstance(record, ShapeRead) and not record.whole_shape:
+        x = input_of(node)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if isinstance(dim, int) and dim % len(node_shape(x)) == record.channel_dim:
+            return node_shape(x)[record.channel_dim]
+        return None
+    if isinstance(record, ShapeItem) and record.channel_dim is not None and isinstance(node.args[1], int):
+        x = input_of(node.args[0])
+        ndim = len(node_shape(x))
+        if node.args[1] % ndim == record.channel_dim:
+            return node_shape(x)[record.channel_dim]
+    return None
 
 
 # -- expand ---------------------------------------------------------------------------------------

@@ -183,6 +183,26 @@ def out_of_place(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
     return None
 
 
+def _local_mutation(root: fx.Node, members: list[fx.Node], ops: list[fx.Node], inplace: dict,
+                    order: dict) -> bool:
+    """Whether the in-place ``ops`` of an alias group can be made out-of-place by rewiring later
+    readers: the group's root is a fresh tensor (no model input, no parameter), every op
+    mutates the root or an earlier op's result (not a view), and no view made before an op is
+    read after it (it would see the mutation)."""
+    if root.op in ("placeholder", "get_attr") or root in inplace or any(inplace[m] == "none" for m in ops):
+        return False
+    versions = {root, *ops}
+    if any(m.args[0] not in versions for m in ops):
+        return False
+    for view in members:
+        if view in versions:
+            continue
+        later = [order[m] for m in ops if order[m] > order[view]]
+        if later and any(order[user] > min(later) for user in view.users):
+            return False
+    return True
+
+
 def functionalize(gm: fx.GraphModule) -> None:
     """Rewrite in-place ops into out-of-place ones where that is exact; mark the rest.
 
@@ -207,7 +227,7 @@ def functionalize(gm: fx.GraphModule) -> None:
         if ra is not rb:
             parent[rb] = ra
 
-    inplace, twins = {}, {}
+    inplace = {}
     for node in graph.nodes:
         try:
             twin = out_of_place(gm, node)
@@ -223,37 +243,40 @@ def functionalize(gm: fx.GraphModule) -> None:
     groups: dict[fx.Node, list[fx.Node]] = {}
     for node in graph.nodes:
         groups.setdefault(find(node), []).append(node)
+    order = {node: i for i, node in enumerate(graph.nodes)}
     mutated: set[fx.Node] = set()
-    simple: set[fx.Node] = set()  # roots of groups made of one fresh tensor and in-place ops on it
+    simple: set[fx.Node] = set()  # roots of groups whose in-place ops can become out-of-place
     for root, members in groups.items():
         ops = [m for m in members if m in inplace]
-        if not ops:
-            continue
-        fresh = root.op not in ("placeholder", "get_attr") and root not in inplace
-        if fresh and all(m is root or m in inplace for m in members) and all(inplace[m] != "none" for m in ops):
+        if ops and _local_mutation(root, members, ops, inplace, order):
             simple.add(root)
-        else:
+        elif ops:
             mutated.update(members)
     current: dict[fx.Node, fx.Node] = {}  # group root -> node holding its latest value
+    versions = {n for root in simple for n in groups[root] if n is root or n in inplace}
     functional: set[str] = set()
+
+    def latest(a):
+        return current.get(find(a), a) if a in versions else a
+
     for node in list(graph.nodes):
-        node.args = fx.map_arg(node.args, lambda a: current.get(find(a), a) if find(a) in simple else a)
-        node.kwargs = fx.map_arg(node.kwargs, lambda a: current.get(find(a), a) if find(a) in simple else a)
+        node.args = fx.map_arg(node.args, latest)
+        node.kwargs = fx.map_arg(node.kwargs, latest)
         root = find(node)
-        if root not in simple:
+        if root not in simple or node not in versions:
             continue
-        if node in inplace:
-            twin = inplace[node]
-            if twin == ():
-                functional.add(node.name)
-            else:
-                op, target, args, kwargs = twin
-                args = fx.map_arg(args, lambda a: current.get(find(a), a) if find(a) in simple else a)
-                with graph.inserting_before(node):
-                    new = graph.create_node(op, target, args, kwargs, name=node.name + "_functional")
-                node.replace_all_uses_with(new)
-                graph.erase_node(node)
-                node = new
+        if node in inplace and inplace[node] == ():
+            functional.add(node.name)
+        elif node in inplace:
+            op, target, args, kwargs = inplace[node]
+            with graph.inserting_before(node):
+                new = graph.create_node(op, target, fx.map_arg(args, latest), fx.map_arg(kwargs, latest),
+                                        name=node.name + "_functional")
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            parent[new] = root  # readers of the new value read the latest version too
+            versions.add(new)
+            node = new
         current[root] = node
     gm.meta["lumos_functionalized"] = functional
     gm.meta["lumos_mutated"] = {n.name for n in mutated}
