@@ -13,6 +13,7 @@ from .model import GatedModel, as_input_tuple
 from .nn import FeatureGate, GatedLinear
 from .nn import GatedGINEAggregation, GatedMultiheadAttention, GINEAggregation
 from .nn import GatedConv1d, GatedConv2d, GatedConv3d, GatedConvTranspose2d, GatedConvTranspose3d
+from .nn.transformer import TWINS as TRACEABLE_TWINS  # torch layer fx keeps whole -> traceable lumos twin
 
 # plain layer type -> function(layer, **gate_kwargs) returning its gated twin (same weights)
 GATED_LAYERS: dict[type, Callable[..., nn.Module]] = {
@@ -71,8 +72,11 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
     for name, module in model.named_modules():
         if type(module) not in GATED_LAYERS:
             continue
-        if any(name.startswith(called + ".") for called in calls):
-            continue  # part of a layer traced whole (a GINE aggregation's edge embedding): its rule prunes it
+        enclosing = next((called for called in calls if name.startswith(called + ".")), None)
+        if enclosing is not None:
+            if type(model.get_submodule(enclosing)) not in GATED_LAYERS:
+                skipped[name] = f"inside `{enclosing}`, which lumos keeps whole (a leaf module)"
+            continue  # else part of a layer gated whole (MHA's out_proj, GINE's edge embedding): its rule prunes it
         if calls.get(name, 0) == 0:
             skipped[name] = "never called in forward (or called inside a leaf module)"
             continue
@@ -92,6 +96,25 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
     return chosen, skipped
 
 
+def _swap_in_traceable_twins(model: nn.Module, leaf_modules: tuple) -> dict[str, str]:
+    """Turn, in place, every torch layer of ``TRACEABLE_TWINS`` into its twin (same submodules and
+    state_dict, a forward fx can trace), except inside ``leaf_modules``; returns those kept whole."""
+    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    leaves, kept = [], {}
+    for name, module in model.named_modules():
+        if name in leaf_modules or isinstance(module, leaf_types):
+            leaves.append(name)
+        if type(module) not in TRACEABLE_TWINS:
+            continue
+        leaf = next((leaf for leaf in leaves if name == leaf or name.startswith(leaf + ".")), None)
+        if leaf is None:
+            module.__class__ = TRACEABLE_TWINS[type(module)]
+        else:
+            kept[name] = (f"{type(module).__name__} kept whole (not converted to lumos.nn.{type(module).__name__}): "
+                          f"`{leaf}` is in leaf_modules")
+    return kept
+
+
 class _Plain(GatedModel):
     """An ungated model seen through the same tracing path as a gated one."""
 
@@ -107,7 +130,9 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     Every supported layer (``GATED_LAYERS``: ``nn.Linear`` -> :class:`lumos.nn.GatedLinear`...)
     whose width can really shrink becomes its gated twin with the same weights; layers whose output must keep every channel (the output layer, a
     layer feeding LayerNorm) stay as they are and are listed in ``gated.skipped`` with the
-    reason. ``model`` itself is not modified.
+    reason. torch's Transformer layers and stacks (``TRACEABLE_TWINS``) first become their
+    :mod:`lumos.nn.transformer` twins, so that the attention and feed-forward layers inside
+    them are gated. ``model`` itself is not modified.
 
     Args:
         model: the dense model (an ``nn.Module``, traceable by ``torch.fx``).
@@ -141,7 +166,9 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     names = {id(m): name for name, m in model.named_modules()}
     leaf_modules = tuple(names.get(id(m), m) if isinstance(m, nn.Module) else m for m in leaf_modules)
     copied = copy.deepcopy(model)
+    kept_whole = _swap_in_traceable_twins(copied, leaf_modules)
     chosen, skipped = _choose_layers(copied, example_inputs, feature_dim, leaf_modules)
+    skipped = {**kept_whole, **skipped}
     for name in chosen:
         parent_name, _, leaf = name.rpartition(".")
         parent = copied.get_submodule(parent_name) if parent_name else copied
