@@ -14,6 +14,7 @@ from .nn import FeatureGate, GatedLinear
 from .nn import GatedGINEAggregation, GatedMultiheadAttention, GINEAggregation
 from .nn import GatedConv1d, GatedConv2d, GatedConv3d, GatedConvTranspose2d, GatedConvTranspose3d
 from .nn.transformer import TWINS as TRACEABLE_TWINS  # torch layer fx keeps whole -> traceable lumos twin
+from .nn.transformer import twin_blocker
 
 # plain layer type -> function(layer, **gate_kwargs) returning its gated twin (same weights)
 GATED_LAYERS: dict[type, Callable[..., nn.Module]] = {
@@ -98,20 +99,23 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
 
 def _swap_in_traceable_twins(model: nn.Module, leaf_modules: tuple) -> dict[str, str]:
     """Turn, in place, every torch layer of ``TRACEABLE_TWINS`` into its twin (same submodules and
-    state_dict, a forward fx can trace), except inside ``leaf_modules``; returns those kept whole."""
+    state_dict, a forward fx can trace), except in ``leaf_modules`` or where a part could not be
+    traced (:func:`lumos.nn.transformer.twin_blocker`); returns those kept whole, with why."""
     leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
-    leaves, kept = [], {}
+    whole, kept = {}, {}  # name of a module kept whole -> why its parts are
     for name, module in model.named_modules():
-        if name in leaf_modules or isinstance(module, leaf_types):
-            leaves.append(name)
+        outer = next((w for w in whole if name.startswith(w + ".")), None)
+        why = whole[outer] if outer is not None else None
+        if why is None and (name in leaf_modules or isinstance(module, leaf_types)):
+            why = whole[name] = f"`{name}` is in leaf_modules"
         if type(module) not in TRACEABLE_TWINS:
             continue
-        leaf = next((leaf for leaf in leaves if name == leaf or name.startswith(leaf + ".")), None)
-        if leaf is None:
+        why = why or twin_blocker(module)
+        if why is None:
             module.__class__ = TRACEABLE_TWINS[type(module)]
         else:
-            kept[name] = (f"{type(module).__name__} kept whole (not converted to lumos.nn.{type(module).__name__}): "
-                          f"`{leaf}` is in leaf_modules")
+            kept[name] = f"{type(module).__name__} kept whole (not converted to its lumos.nn twin): {why}"
+            whole.setdefault(name, f"inside `{name}`, kept whole")
     return kept
 
 

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 import lumos
-from lumos.nn import FeatureGate
-from zoo_architectures import architectures, close_half_of_every_gate
+from zoo_architectures import architectures, close_half_of_every_gate, gated_layer_params, relative_error
 
 ZOO = architectures()
 REL_TOL = 1e-5                  # float32: ||compacted(x) - gated(x)|| / ||gated(x)||
@@ -24,29 +23,11 @@ MIN_GATED_PARAM_FRACTION = 0.6  # of the dense parameters, inside layers lumos g
 MAX_KEPT_PARAM_FRACTION = 0.75  # of the dense parameters, in the compacted model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to a busy machine's OpenMP stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def gated_layer_params(gated: lumos.GatedModel) -> int:
-    """Parameters (gate logits excluded) of the layers that carry gates, the input gate excluded."""
-    total = 0
-    for module in gated.model.modules():
-        if isinstance(module, FeatureGate) or not any(isinstance(c, lumos.HardConcreteGate) for c in module.children()):
-            continue
-        gate_params = {id(p) for c in module.children() if isinstance(c, lumos.HardConcreteGate)
-                       for p in c.parameters()}
-        total += sum(p.numel() for p in module.parameters() if id(p) not in gate_params)
-    return total
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,10 +50,6 @@ def _compacted(name: str):
     if isinstance(compacted, Exception):
         raise compacted
     return dense, gated, compacted
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("name", list(ZOO))

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 import lumos
 from lumos.compact.trace import trace
@@ -17,15 +17,10 @@ from zoo_architectures import SequenceEncoder, close_half_of_every_gate
 
 ATOL, RTOL = 2e-5, 1e-5  # float32: twin vs torch (torch's fused eval path rounds differently)
 D_MODEL, NHEAD, FF = 16, 4, 24
-OPEN, CLOSED = 8.0, -8.0
+OPEN = 8.0  # a gate logit whose eval mask is exactly 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sequences(batch_first: bool, batch=3, length=7, seed=0):
@@ -337,3 +332,23 @@ def test_compacted_transformer_shrinks_heads_and_feed_forward_exactly(norm_first
     fresh = (x2,) if norm_first else (x2, torch.arange(13)[None, :] >= torch.tensor([13, 5, 11])[:, None])
     torch.testing.assert_close(compacted(*fresh), gated(*fresh), atol=1e-5, rtol=1e-5)
     copy.deepcopy(compacted)  # a plain module
+
+
+class _CustomLayer(nn.TransformerEncoderLayer):
+    """A user's subclass: its forward is torch's, which torch.fx cannot trace."""
+
+
+def test_gate_keeps_stacks_of_custom_layers_whole_and_says_why():
+    torch.manual_seed(0)
+    model = _Tagger()
+    model.encoder.layers[1] = _CustomLayer(D_MODEL, NHEAD, FF, dropout=0.0, batch_first=True)
+    gated = lumos.gate(model, _tagger_inputs())
+    assert type(gated.model.encoder) is nn.TransformerEncoder
+    assert gated.skipped["encoder"].endswith("its layers include a _CustomLayer, not an nn.TransformerEncoderLayer")
+    assert gated.skipped["encoder.layers.0"].endswith("inside `encoder`, kept whole")
+    assert gated.skipped["encoder.layers.0.linear1"].startswith("inside `encoder`")
+    with pytest.raises(TypeError, match="cannot convert this TransformerEncoder: its layers include a _CustomLayer"):
+        TransformerEncoder.from_torch(model.encoder)
+    transformer = nn.Transformer(D_MODEL, NHEAD, 1, 1, FF, custom_encoder=nn.Identity())
+    with pytest.raises(TypeError, match="its encoder: a Identity, not an nn.TransformerEncoder"):
+        Transformer.from_torch(transformer)

@@ -870,3 +870,23 @@ def close_half_of_every_gate(gated: nn.Module, seed: int = 0, open_logit: float 
         closed = torch.randperm(gate.n, generator=g)[:gate.n // 2]
         gate.log_alpha.fill_(open_logit)
         gate.log_alpha[closed.to(gate.log_alpha.device)] = closed_logit
+
+
+def gated_layer_params(gated: nn.Module) -> int:
+    """Parameters (gate logits excluded) of the layers of ``gated`` that carry gates, the input
+    feature gate excluded: how much of a model lumos can shrink."""
+    import lumos
+
+    total = 0
+    for module in gated.modules():
+        gates = [c for c in module.children() if isinstance(c, lumos.HardConcreteGate)]
+        if not gates or isinstance(module, lumos.nn.FeatureGate):
+            continue
+        gate_params = {id(p) for gate in gates for p in gate.parameters()}
+        total += sum(p.numel() for p in module.parameters() if id(p) not in gate_params)
+    return total
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` (Frobenius norms over all elements)."""
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))

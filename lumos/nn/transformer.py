@@ -37,12 +37,38 @@ def _twin_of(module: nn.Module, twins: dict[type, type]) -> nn.Module:
     return module
 
 
+def _is(module: nn.Module, torch_type: type) -> bool:
+    """Whether ``module`` is a ``torch_type`` or its twin (not some other subclass)."""
+    return type(module) in (torch_type, TWINS[torch_type])
+
+
+def twin_blocker(module: nn.Module) -> str | None:
+    """Why the torch Transformer ``module`` cannot become a twin, or None if it can: a stack whose
+    layers, or an ``nn.Transformer`` whose encoder or decoder, are of another class (a subclass,
+    a custom layer): the twin would have to trace their forward, which lumos does not know."""
+    for stack, layer_type in ((nn.TransformerEncoder, nn.TransformerEncoderLayer),
+                              (nn.TransformerDecoder, nn.TransformerDecoderLayer)):
+        if _is(module, stack):
+            odd = [type(layer).__name__ for layer in module.layers if not _is(layer, layer_type)]
+            return f"its layers include a {odd[0]}, not an nn.{layer_type.__name__}" if odd else None
+    if _is(module, nn.Transformer):
+        for name, stack in (("encoder", nn.TransformerEncoder), ("decoder", nn.TransformerDecoder)):
+            part = getattr(module, name)
+            why = twin_blocker(part) if _is(part, stack) else f"a {type(part).__name__}, not an nn.{stack.__name__}"
+            if why is not None:
+                return f"its {name}: {why}"
+    return None
+
+
 def _from_torch(cls, layer: nn.Module) -> nn.Module:
     """A twin of ``layer`` (a deep copy: the argument is not changed)."""
     torch_type = next(torch_type for torch_type, twin in TWINS.items() if twin is cls)
     if type(layer) is not torch_type:
         raise TypeError(f"lumos.nn.{cls.__name__}.from_torch: `layer` must be a {torch_type.__module__}."
                         f"{torch_type.__name__}, got {type(layer).__name__}")
+    why = twin_blocker(layer)
+    if why is not None:
+        raise TypeError(f"lumos.nn.{cls.__name__}.from_torch: cannot convert this {torch_type.__name__}: {why}")
     return _twin_of(copy.deepcopy(layer), TWINS)
 
 
