@@ -352,3 +352,19 @@ def test_gate_keeps_stacks_of_custom_layers_whole_and_says_why():
     transformer = nn.Transformer(D_MODEL, NHEAD, 1, 1, FF, custom_encoder=nn.Identity())
     with pytest.raises(TypeError, match="its encoder: a Identity, not an nn.TransformerEncoder"):
         Transformer.from_torch(transformer)
+
+
+def test_torch_checkpoint_loads_into_gated_model():
+    """A checkpoint of the user's torch model loads into the gated model: the attention layers map
+    torch's packed projections; only the gates of the gated linears are missing from it."""
+    torch.manual_seed(0)
+    model = _Tagger().eval()
+    torch.manual_seed(1)
+    gated = lumos.gate(_Tagger(), _tagger_inputs())  # other weights
+    result = gated.model.load_state_dict(_saved(model.state_dict()), strict=False)
+    assert not result.unexpected_keys
+    assert sorted(result.missing_keys) == [f"encoder.layers.{i}.linear1.out_gate.log_alpha" for i in range(2)]
+    for _, gate in lumos.gates_of(gated):
+        gate.log_alpha.data.fill_(OPEN)
+    inputs = _tagger_inputs(seed=2)
+    torch.testing.assert_close(gated.eval()(*inputs), model(*inputs), atol=ATOL, rtol=RTOL)
