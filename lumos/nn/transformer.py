@@ -28,10 +28,10 @@ import torch
 from torch import fx, nn
 
 
-def _twin_of(module: nn.Module, twins: dict[type, type]) -> nn.Module:
+def _to_twins_(module: nn.Module) -> nn.Module:
     """``module`` and every torch Transformer module inside it turned, in place, into twins."""
     for sub in module.modules():
-        twin = twins.get(type(sub))
+        twin = TWINS.get(type(sub))
         if twin is not None:
             sub.__class__ = twin  # same attributes and submodules: only forward changes
     return module
@@ -69,7 +69,7 @@ def _from_torch(cls, layer: nn.Module) -> nn.Module:
     why = twin_blocker(layer)
     if why is not None:
         raise TypeError(f"lumos.nn.{cls.__name__}.from_torch: cannot convert this {torch_type.__name__}: {why}")
-    return _twin_of(copy.deepcopy(layer), TWINS)
+    return _to_twins_(copy.deepcopy(layer))
 
 
 def _hint(is_causal):
