@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from .plan import check_not_meta, plan_model
-from .plan.planner import kept_whole
+from .plan.planner import kept_whole as modules_kept_whole
 from .plan.trace import has_hooks
 from .model import GatedModel, as_input_tuple
 from .nn import FeatureGate, GatedLinear
 from .nn import GatedGINEAggregation, GatedMultiheadAttention, GINEAggregation
 from .nn import GatedConv1d, GatedConv2d, GatedConv3d, GatedConvTranspose2d, GatedConvTranspose3d
+from .nn.transformer import TWINS as TRACEABLE_TWINS  # torch layer fx keeps whole -> traceable lumos twin
+from .nn.transformer import twin_blocker
 
 # plain layer type -> function(layer, **gate_kwargs) returning its gated twin (same weights)
 GATED_LAYERS: dict[type, Callable[..., nn.Module]] = {
@@ -88,7 +90,7 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
     outputs = [plan.space_of[a] for n in plan.gm.graph.nodes if n.op == "output"
                for a in n.all_input_nodes if a in plan.space_of]
     calls = Counter(node.target for node in plan.gm.graph.nodes if node.op == "call_module")
-    whole = kept_whole(plan.gm)
+    whole = modules_kept_whole(plan.gm)
     chosen, skipped = [], {}
     for name, module in model.named_modules():
         if type(module) not in GATED_LAYERS:
@@ -118,6 +120,28 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
     return chosen, skipped
 
 
+def _swap_in_traceable_twins(model: nn.Module, leaf_modules: tuple) -> dict[str, str]:
+    """Turn, in place, every torch layer of ``TRACEABLE_TWINS`` into its twin (same submodules and
+    state_dict, a forward fx can trace), except in ``leaf_modules`` or where a part could not be
+    traced (:func:`lumos.nn.transformer.twin_blocker`); returns those kept whole, with why."""
+    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    whole, kept = {}, {}  # name of a module kept whole -> why its parts are
+    for name, module in model.named_modules():
+        outer = next((w for w in whole if name.startswith(w + ".")), None)
+        why = whole[outer] if outer is not None else None
+        if why is None and (name in leaf_modules or isinstance(module, leaf_types)):
+            why = whole[name] = f"`{name}` is in leaf_modules"
+        if type(module) not in TRACEABLE_TWINS:
+            continue
+        why = why or twin_blocker(module)
+        if why is None:
+            module.__class__ = TRACEABLE_TWINS[type(module)]
+        else:
+            kept[name] = f"{type(module).__name__} kept whole (not converted to its lumos.nn twin): {why}"
+            whole.setdefault(name, f"inside `{name}`, kept whole")
+    return kept
+
+
 class _Plain(GatedModel):
     """An ungated model seen through the same tracing path as a gated one."""
 
@@ -133,7 +157,9 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     Every supported layer (``GATED_LAYERS``: ``nn.Linear`` -> :class:`lumos.nn.GatedLinear`...)
     whose width can really shrink becomes its gated twin with the same weights; layers whose output must keep every channel (the output layer, a
     layer feeding LayerNorm) stay as they are and are listed in ``gated.skipped`` with the
-    reason. ``model`` itself is not modified.
+    reason. torch's Transformer layers and stacks (``TRACEABLE_TWINS``) first become their
+    :mod:`lumos.nn.transformer` twins, so that the attention and feed-forward layers inside
+    them are gated. ``model`` itself is not modified.
 
     Args:
         model: the dense model (an ``nn.Module``, traceable by ``torch.fx``).
@@ -168,7 +194,9 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     names = {id(m): name for name, m in model.named_modules()}
     leaf_modules = tuple(names.get(id(m), m) if isinstance(m, nn.Module) else m for m in leaf_modules)
     copied = copy.deepcopy(model)
+    kept_whole = _swap_in_traceable_twins(copied, leaf_modules)
     chosen, skipped = _choose_layers(copied, example_inputs, feature_dim, leaf_modules)
+    skipped = {**kept_whole, **skipped}
     for name in chosen:
         parent_name, _, leaf = name.rpartition(".")
         parent = copied.get_submodule(parent_name) if parent_name else copied
