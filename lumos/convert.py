@@ -98,8 +98,7 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
         parent = next((called for called in calls if name.startswith(called + ".")), None)
         if parent is not None:
             if not isinstance(plan.module_of(parent), PRUNED_INSIDE) or parent in whole:
-                kind = type(plan.module_of(parent)).__name__
-                skipped[name] = f"inside `{parent}` ({kind}), which lumos keeps whole (traced as one call)"
+                skipped[name] = f"inside `{parent}`, which lumos keeps whole (a leaf module)"
             continue
         if calls.get(name, 0) == 0:
             skipped[name] = "never called in forward (or called inside a leaf module)"
@@ -113,7 +112,7 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
             if any(plan.same_group(space, out) for out in outputs):
                 skipped[name] = "produces the model's output, whose width is fixed"
             else:
-                skipped[name] = ("its outputs feed ops that need every channel (an op lumos keeps whole, "
+                skipped[name] = ("feeds an op that needs every channel (an op lumos keeps whole, "
                                  "or a LayerNorm followed by an activation)")
             continue
         chosen.append(name)

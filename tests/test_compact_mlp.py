@@ -195,7 +195,7 @@ def test_in_place_channel_write_error_names_the_fix():
 def test_channel_slicing_keeps_the_sliced_layer_whole_and_exact():
     x = torch.randn(6, 4)
     gated = lumos.gate(ChannelSlice(), x)
-    assert "fc1" in gated.skipped and "need every channel" in gated.skipped["fc1"]
+    assert "fc1" in gated.skipped and "needs every channel" in gated.skipped["fc1"]
     randomize_gates(gated, seed=1)
     compacted = lumos.compact(gated, x)
     torch.testing.assert_close(compacted(x), gated.eval()(x), atol=ATOL, rtol=1e-5)

@@ -9,6 +9,7 @@ and buffers. ``DERIVATIONS.md`` derives what the builders fold.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Iterable
 
@@ -22,6 +23,7 @@ from ..plan import CompactionError, TraceError, check_not_meta, default_inputs, 
 from ..plan.ops_io import Attribute
 from .builder import copy_hooks
 from .check import self_check
+from .nest import nest
 from .plain import is_gated
 from .table import build
 
@@ -98,11 +100,16 @@ def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
     inner = gated.model if isinstance(gated, GatedModel) else gated
     with torch.no_grad():
         small, builder = build(plan, records, f"Compact{type(inner).__name__}")
+    flat = small
+    hooked = plan.gm.meta.get("lumos_hooked", [])
+    if hooked:  # containers with hooks become submodules of the same name, with the same hooks
+        flat = copy.deepcopy(small)
+        small = nest(small, plan.gm, inner, hooked)
     copy_hooks(inner, small)
     feature_index, feature_dim = None, -1
     if not keep_input_shape:
         first = next(n for n in plan.gm.graph.nodes if n.op == "placeholder")
         feature_index = plan.kept(plan.space_of[first])
         feature_dim = plan.space_of[first].dim
-    self_check(gated, small, builder, inputs, feature_index, feature_dim)
+    self_check(gated, small, flat, builder, inputs, feature_index, feature_dim)
     return small

@@ -13,11 +13,9 @@ from torch import fx, nn
 
 from ..plan import ChannelPlan, Record
 from ..plan.record import channel_view
-from ..plan.trace import node_shape
+from ..plan.trace import HOOK_DICTS, node_shape
 from .values import Value
 
-HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-              "_forward_pre_hooks_with_kwargs")
 
 
 def copy_hooks(source: nn.Module, target: nn.Module) -> None:

@@ -123,12 +123,14 @@ def _first_disagreeing(b: Builder, small: fx.GraphModule, inputs: tuple, small_i
     return "no single node differs (the outputs do): report this as a lumos bug, with the model"
 
 
-def self_check(gated: nn.Module, small: fx.GraphModule, b: Builder, example_inputs: tuple,
+def self_check(gated: nn.Module, small: nn.Module, flat: fx.GraphModule, b: Builder, example_inputs: tuple,
                feature_index: torch.Tensor | None, feature_dim: int) -> None:
     """Raise :class:`CompactionError` unless ``small`` equals ``gated.eval()`` on fresh inputs.
 
-    ``feature_index``: with ``keep_input_shape=False``, the kept feature columns the compacted
-    model takes (on ``feature_dim`` of the first input)."""
+    ``flat``: the compacted graph as built (``small`` before hooked containers became
+    submodules), whose nodes ``b.env`` names, for the diagnosis. ``feature_index``: with
+    ``keep_input_shape=False``, the kept feature columns the compacted model takes (on
+    ``feature_dim`` of the first input)."""
     plan = b.plan
     generator = torch.Generator().manual_seed(1)
     fresh = tuple(_cycled(t, {}, generator) if isinstance(t, torch.Tensor) else t for t in example_inputs)
@@ -157,7 +159,7 @@ def self_check(gated: nn.Module, small: fx.GraphModule, b: Builder, example_inpu
                     why = f"{type(err).__name__}: {err}"
             if why is not None:
                 shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
-                where = _first_disagreeing(b, small, inputs, small_inputs)
+                where = _first_disagreeing(b, flat, inputs, small_inputs)
                 raise CompactionError(
                     f"lumos.compact: the compacted model disagrees with the gated model on inputs of shapes "
                     f"{shapes}: {why}. {where}. lumos never returns a model that is not exact.")

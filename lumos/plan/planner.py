@@ -17,7 +17,7 @@ from .channels import ChannelPlan
 from .probe import alternative_inputs
 from .record import Context, Record
 from .table import rule_for
-from .trace import functionalize, propagate_shapes, trace
+from .trace import boundary, functionalize, propagate_shapes, trace
 
 
 def trace_gated(gated: nn.Module, leaf_modules: Iterable = ()) -> tuple[fx.GraphModule, int]:
@@ -123,5 +123,10 @@ def plan_model(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable 
     for node in gm.graph.nodes:  # tensors an in-place op touches through an alias stay whole
         if node.name in ctx.mutated and node in plan.space_of:
             plan.pin(plan.space_of[node])
+    for name in gm.meta.get("lumos_hooked", ()):  # a container's hooks see what they saw before
+        inputs, outputs = boundary(gm.graph, name)
+        for node in inputs + outputs:
+            if node in plan.space_of:
+                plan.pin(plan.space_of[node])
     plan.solve(max_iters=1 if assume_closed else 10000)
     return plan, ctx.records

@@ -1,8 +1,10 @@
 """Symbolic tracing (torch.fx) of a model, made fit for channel planning.
 
 :func:`trace` turns a model into an ``fx.GraphModule`` whose lumos layers, user-named leaves and
-modules carrying forward hooks are single nodes (so a hook keeps running on the module it was
-registered on), with errors that name the module to blame. :func:`functionalize` rewrites
+layers carrying forward hooks are single nodes (so a hook keeps running on the layer it was
+registered on), with errors that name the module to blame. A container (a block, a stage) with
+hooks is traced through with its hooks off; the plan keeps the tensors that go in and out of it
+whole and compaction gives the compacted model a submodule of that name with the same hooks. :func:`functionalize` rewrites
 in-place ops whose effect is local (``ReLU(inplace=True)``, ``h.relu_()``) into their
 out-of-place twins, and marks the others so that the plan keeps the tensors they touch whole.
 :func:`propagate_shapes` records every node's output shape for each set of inputs it is given.
@@ -30,6 +32,10 @@ def lumos_leaf_types() -> tuple[type, ...]:
     return tuple(t for t in layers if isinstance(t, type) and not getattr(t, "lumos_trace_through", False))
 
 
+HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs")
+
+
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward hooks or forward pre-hooks (they must keep running on it)."""
     return bool(module._forward_hooks or module._forward_pre_hooks)
@@ -48,14 +54,18 @@ class _Tracer(fx.Tracer):
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self.failed_in: str | None = None  # innermost submodule whose forward raised
 
+    def is_layer(self, m: nn.Module, qualname: str) -> bool:
+        """Whether ``m`` is traced as one call by nature (a lumos layer or a torch layer)."""
+        return isinstance(m, self.lumos_types) or super().is_leaf_module(m, qualname)
+
     def is_user_leaf(self, m: nn.Module, qualname: str) -> bool:
-        """Whether ``m`` must be kept whole: named in ``leaf_modules``, or carrying hooks."""
+        """Whether ``m`` must be kept whole: named in ``leaf_modules``, or a layer with hooks (or
+        a container with hooks whose calls could not be told apart)."""
         return (isinstance(m, self.user_types) or id(m) in self.leaf_objects or qualname in self.leaf_names
-                or has_hooks(m))
+                or (has_hooks(m) and self.is_layer(m, qualname)))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (isinstance(m, self.lumos_types) or self.is_user_leaf(m, qualname)
-                or super().is_leaf_module(m, qualname))
+        return self.is_layer(m, qualname) or self.is_user_leaf(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -66,17 +76,17 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module | str] = ()) -> fx.GraphModule:
-    """Trace ``model`` into an ``fx.GraphModule`` whose lumos layers are single nodes.
-
-    ``leaf_modules`` (types, module objects or qualified names) are kept whole too: use it for
-    a submodule whose forward cannot be traced (Python control flow on tensor values); its
-    inputs and outputs then keep all their channels. Modules with forward hooks are kept whole
-    the same way. ``gm.meta["lumos_user_leaves"]`` holds the targets of all such modules.
-    """
+def _traced(model: nn.Module, leaf_modules: tuple) -> tuple[fx.Graph, _Tracer]:
+    """Trace with every forward hook off (a container's hooks must not be traced into the graph:
+    compaction puts them back on a submodule); raise :class:`TraceError` naming the module."""
     tracer = _Tracer(leaf_modules)
+    stashed = [(m, {name: getattr(m, name) for name in HOOK_DICTS if hasattr(m, name)}) for m in model.modules()]
+    for module, dicts in stashed:
+        for name, hooks in dicts.items():
+            if hooks:
+                setattr(module, name, type(hooks)())
     try:
-        graph = tracer.trace(model)
+        return tracer.trace(model), tracer
     except Exception as err:  # fx raises TraceError, TypeError, AttributeError... for the same cause
         where = tracer.failed_in or ""
         owner = f"submodule `{where}` ({type(model.get_submodule(where)).__name__})" if where \
@@ -89,10 +99,53 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module | str] = ())
             "loops over a tensor's values) nor item assignment into a tensor (x[:, :3] = 0). "
             f"Workaround: {hint}; that module then keeps all its input and output channels."
         ) from err
+    finally:
+        for module, dicts in stashed:
+            for name, hooks in dicts.items():
+                setattr(module, name, hooks)
+
+
+def interior(graph: fx.Graph, qualname: str) -> list[fx.Node]:
+    """The nodes traced inside the module ``qualname``, in graph order."""
+    return [n for n in graph.nodes if any(path == qualname for path, _ in (n.meta.get("nn_module_stack") or {}).values())]
+
+
+def boundary(graph: fx.Graph, qualname: str) -> tuple[list[fx.Node], list[fx.Node]]:
+    """``(inputs, outputs)`` of the module ``qualname`` in ``graph``: the nodes outside it that
+    its nodes read, and its nodes that are read outside it."""
+    inside = set(interior(graph, qualname))
+    inputs = list(dict.fromkeys(a for n in inside for a in n.all_input_nodes if a not in inside))
+    outputs = [n for n in inside if any(u not in inside for u in n.users)]
+    return inputs, outputs
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module | str] = ()) -> fx.GraphModule:
+    """Trace ``model`` into an ``fx.GraphModule`` whose lumos layers are single nodes.
+
+    ``leaf_modules`` (types, module objects or qualified names) are kept whole too: use it for
+    a submodule whose forward cannot be traced (Python control flow on tensor values); its
+    inputs and outputs then keep all their channels. Layers with forward hooks are kept whole
+    the same way. ``gm.meta["lumos_user_leaves"]`` holds the targets of all such modules;
+    ``gm.meta["lumos_hooked"]`` the names of containers with hooks, traced through.
+    """
+    leaf_modules = tuple(leaf_modules)
+    graph, tracer = _traced(model, leaf_modules)
+    hooked = [name for name, m in model.named_modules() if name and has_hooks(m) and not tracer.is_leaf_module(m, name)]
+    repeated = []  # a container called twice: its two calls cannot be told apart, keep it whole
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for name in hooked:
+        nodes = interior(graph, name)
+        if nodes and order[nodes[-1]] - order[nodes[0]] + 1 != len(nodes):
+            repeated.append(name)
+    if repeated:
+        leaf_modules = leaf_modules + tuple(repeated)
+        graph, tracer = _traced(model, leaf_modules)
+        hooked = [name for name in hooked if name not in repeated]
     gm = fx.GraphModule(model, graph, type(model).__name__)
     modules = dict(model.named_modules())
     gm.meta["lumos_user_leaves"] = {n.target for n in graph.nodes if n.op == "call_module"
                                     and tracer.is_user_leaf(modules[n.target], n.target)}
+    gm.meta["lumos_hooked"] = [name for name in hooked if interior(graph, name)]
     return gm
 
 
