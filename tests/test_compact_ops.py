@@ -14,12 +14,7 @@ from zoo_ops import OPS, make
 ATOL, RTOL = 1e-4, 1e-5  # float32, compacted vs gated eval
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _n_params(model):

@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from ..nn.gin import GINEAggregation, GlobalPool
+from ..plan.errors import CompactionError
 from ..plan.ops_attention import bound_args
 from ..plan.ops_graph import Aggregation, Pool
 from ..plan.trace import node_shape
@@ -30,8 +31,6 @@ def _edge_embedding(node, b: Builder, module, kept, kept_in, removed_in, attr) -
     value = b.values.get(attr, Value.zeros(weight.shape[1])) if removed_in.numel() else Value.zeros(weight.shape[1])
     fold, _ = fold_inputs(weight, value, removed_in)
     if edge_lin.bias is None and bool(fold[kept].abs().gt(0).any()):
-        from ..plan.errors import CompactionError
-
         raise CompactionError(f"lumos.compact: `{node.target}`: the edge embedding has no bias to take the constant "
                               "of dropped edge-feature columns; give it a bias")
     bias = (as64(edge_lin.bias) + fold)[kept] if edge_lin.bias is not None else None

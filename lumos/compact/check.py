@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from ..plan.channels import CONST
 from ..plan.errors import CompactionError
 from ..plan.probe import _cycled
 from .builder import Builder
@@ -88,8 +89,6 @@ def _leaf_hint(node: fx.Node) -> str:
 
 def _first_disagreeing(b: Builder, small: fx.GraphModule, inputs: tuple, small_inputs: tuple) -> str:
     """The first original node whose kept channels, or dropped channels' constants, differ."""
-    from ..plan.channels import CONST
-
     plan = b.plan
     ref, got = _Recorder(plan.gm), _Recorder(small)
     with torch.no_grad():
