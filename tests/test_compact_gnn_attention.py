@@ -8,8 +8,7 @@ from torch import nn
 
 import lumos
 from lumos.compact import CompactionError
-from lumos.nn import (GatedGINConv, GatedGINEAggregation, GatedMultiheadAttention, GINConv, GINEAggregation,
-                      GlobalPool)
+from lumos.nn import GatedGINConv, GatedGINEAggregation, GatedMultiheadAttention, GINConv, GINEAggregation
 from zoo import assert_state_dict_round_trip, randomize_gates
 from zoo_graph_attention import EDGE_DIM, NODE_DIM, GINEMolecule, TinyViT, make_images, make_molecules
 

@@ -1,7 +1,5 @@
 """Every way compaction used to come back silently wrong or crash (issue 9) now gives an exact
 model or an error naming the node (or gate) and what to do; and compaction checks itself."""
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F

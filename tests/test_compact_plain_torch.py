@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 import lumos
 from zoo import mlp_zoo, randomize_gates

@@ -20,7 +20,6 @@ from ..gates import gates_of
 from ..model import GatedModel, as_input_tuple
 from ..nn import FeatureGate
 from ..plan import CompactionError, TraceError, check_not_meta, default_inputs, plan_model
-from ..plan.ops_io import Attribute
 from .builder import copy_hooks
 from .check import self_check
 from .nest import nest

@@ -121,7 +121,6 @@ def build_conv(node: fx.Node, record: ConvLayer, b: Builder) -> None:
     kept_out = b.plan.kept(record.out_space)
     x_new = b.env[x]
     ndim = len(node_shape(node))
-    k1 = [1] * len(module.kernel_size)
     if kept_out.numel() == 0:
         b.env[node] = _positions_probe(b, module, x_new)
         return

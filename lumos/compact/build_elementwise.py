@@ -4,7 +4,6 @@ constants, and for linear ops (+, -, scaling) the signals' coefficients combined
 from __future__ import annotations
 
 import copy
-import operator
 
 import torch
 from torch import fx

@@ -103,83 +103,89 @@ def _params(node: fx.Node, record: StatNorm, b: Builder, name: str, kept: torch.
 
 
 def _emit_stat_norm(node, record, b, x, dim, kept, removed, weight, bias):
-    """Plain ops computing the kept outputs, and the :class:`Value` of the dropped ones."""
+    """Plain ops computing the kept outputs, and the :class:`Value` of the dropped ones.
+
+    The kept channels are reduced twice (their mean, then their squared deviations from the
+    full row's mean); the dropped channels' part is a few numbers per row (DERIVATIONS.md,
+    section 4)."""
     ndim = len(node_shape(x))
     dim = dim % ndim
     last = dim == ndim - 1
-    size = kept.numel() + removed.numel()
+    size, k, n = kept.numel() + removed.numel(), kept.numel(), removed.numel()
     x_new = b.env[x] if last else b.call_method("movedim", b.env[x], dim, -1)
+    x_new = b.call_method("contiguous", x_new)  # reductions along a strided last dim are slow (as F.layer_norm does)
     positions = [d - (d > dim) for d in (r % ndim for r in record.reduce_dims) if d != dim]
     value = b.values[x].rows(removed)
     signals = value.signals if value.uses_signals() else None
     if signals is not None and not last:
         signals = b.call_method("movedim", signals, dim, -1)
-    count = removed.numel()
     alpha, beta = value.const, (value.coef if signals is not None else None)
 
-    def pos_mean(t):
-        return b.call_method("mean", t, positions, keepdim=True) if positions else t
+    def op(fn, *args):
+        return b.call_function(fn, *args)
 
-    def matvec(s, vec):  # s (..., T) @ vec (T,) -> (..., 1)
-        return b.call_function(torch.matmul, s, b.buffer(node.name + "_coef", vec.reshape(-1, 1)))
+    def pos_mean(t):  # the mean over the positions a statistic also runs over (one-group GroupNorm)
+        return b.call_method("mean", t, positions, keepdim=True) if positions and isinstance(t, fx.Node) else t
 
-    def quadratic(s, gram):  # sum_tu s_t G_tu s_u -> (..., 1)
-        sg = b.call_function(torch.matmul, s, b.buffer(node.name + "_gram", gram))
-        return b.call_method("sum", b.call_function(operator.mul, sg, s), -1, keepdim=True)
-
-    def add(a, c):
-        return b.call_function(operator.add, a, c)
-
-    def mul(a, c):
-        return b.call_function(operator.mul, a, c)
+    def per_row(const: float, linear: torch.Tensor, gram: torch.Tensor):
+        """``const + 2 s . linear + s^T gram s`` per row (a number without signals)."""
+        if signals is None:
+            return const
+        sl = op(torch.matmul, signals, b.buffer(node.name + "_linear", 2 * linear.reshape(-1, 1)))
+        sg = op(torch.matmul, signals, b.buffer(node.name + "_gram", gram))
+        quad = b.call_method("sum", op(operator.mul, sg, signals), -1, keepdim=True)
+        return op(operator.add, op(operator.add, sl, quad), const)
 
     eps = record.eps if record.eps is not None else torch.finfo(node.meta.get("lumos_dtype", b.dtype)).eps
+    stat_dims = positions + [-1]
     if record.rms:  # mean of squares over the original width
-        total = b.call_method("sum", pos_mean(mul(x_new, x_new)), -1, keepdim=True)
-        dropped = float((alpha ** 2).sum())
-        if signals is not None:
-            part = add(mul(matvec(signals, beta.t() @ alpha), 2.0), quadratic(signals, beta.t() @ beta))
-            total = add(total, pos_mean(part))
-        mean_square = b.call_function(operator.truediv, add(total, dropped), float(size))
-        rstd = b.call_function(torch.rsqrt, add(mean_square, eps))
-        y = mul(x_new, rstd)
+        dropped = per_row(float((alpha ** 2).sum()), beta.t() @ alpha if beta is not None else None,
+                          beta.t() @ beta if beta is not None else None)
+        total = pos_mean(dropped)
+        if k:
+            kept_ms = b.call_method("mean", op(operator.mul, x_new, x_new), stat_dims, keepdim=True)
+            total = op(operator.add, op(operator.mul, kept_ms, float(k)), total)
+        rstd = op(torch.rsqrt, op(operator.add, op(operator.truediv, total, float(size)), eps))
+        y = op(operator.mul, x_new, rstd)
         row_signals, coef_rows = [rstd], [alpha]
-    else:  # mean and variance over the original width, dropped channels by their values
+    else:  # mean and variance over the original width, the dropped channels by their values
         alpha_bar = float(alpha.mean())
-        a = alpha - alpha_bar
-        vbar = alpha_bar
-        s_sum = b.call_method("sum", pos_mean(x_new), -1, keepdim=True)
-        if signals is not None:
+        centred_alpha = alpha - alpha_bar
+        vbar = alpha_bar  # the dropped channels' mean in each row
+        spread = float((centred_alpha ** 2).sum())  # and the sum of their squared deviations from it
+        if beta is not None:
             beta_bar = beta.mean(0)
-            centred = beta - beta_bar
-            vbar = add(matvec(signals, beta_bar), alpha_bar)  # the dropped channels' mean, per position
-            mean = b.call_function(operator.truediv, add(s_sum, mul(pos_mean(vbar), float(count))), float(size))
-            spread = add(add(mul(matvec(signals, centred.t() @ a), 2.0), quadratic(signals, centred.t() @ centred)),
-                         float((a ** 2).sum()))
-        else:
-            mean = b.call_function(operator.truediv, add(s_sum, alpha_bar * count), float(size))
-            spread = float((a ** 2).sum())
-        centred_x = b.call_function(operator.sub, x_new, mean)
-        var = b.call_method("sum", pos_mean(mul(centred_x, centred_x)), -1, keepdim=True)
-        gap = b.call_function(operator.sub, vbar, mean) if signals is not None \
-            else b.call_function(operator.sub, alpha_bar, mean)
-        dropped = add(pos_mean(spread) if not isinstance(spread, float) else spread,
-                      mul(pos_mean(mul(gap, gap)), float(count)))
-        var = b.call_function(operator.truediv, add(var, dropped), float(size))
-        rstd = b.call_function(torch.rsqrt, add(var, eps))
-        y = mul(centred_x, rstd)
-        row_signals, coef_rows = [rstd, mul(mean, rstd)], [alpha, -torch.ones_like(alpha)]
+            centred_beta = beta - beta_bar
+            vbar = op(operator.add, op(torch.matmul, signals, b.buffer(node.name + "_beta", beta_bar.reshape(-1, 1))),
+                      alpha_bar)
+            spread = per_row(spread, centred_beta.t() @ centred_alpha, centred_beta.t() @ centred_beta)
+        mean = op(operator.mul, pos_mean(vbar), float(n))
+        if k:
+            kept_mean = b.call_method("mean", x_new, stat_dims, keepdim=True)
+            mean = op(operator.add, mean, op(operator.mul, kept_mean, float(k)))
+        mean = op(operator.truediv, mean, float(size))
+        gap = op(operator.sub, vbar, mean)
+        var = op(operator.add, pos_mean(spread), op(operator.mul, pos_mean(op(operator.mul, gap, gap)), float(n)))
+        centred = op(operator.sub, x_new, mean)
+        if k:  # (torch.var_mean is many times slower on CPU than a mean of squares)
+            kept_part = b.call_method("mean", op(operator.mul, centred, centred), stat_dims, keepdim=True)
+            var = op(operator.add, var, op(operator.mul, kept_part, float(k)))
+        rstd = op(torch.rsqrt, op(operator.add, op(operator.truediv, var, float(size)), eps))
+        y = op(operator.mul, centred, rstd)
+        row_signals, coef_rows = [rstd, op(operator.mul, mean, rstd)], [alpha, -torch.ones_like(alpha)]
     w_param, b_param = _params(node, record, b, "weight", kept), _params(node, record, b, "bias", kept)
     if w_param is not None:
-        y = mul(y, w_param)
+        y = op(operator.mul, y, w_param)
     if b_param is not None:
-        y = add(y, b_param)
+        y = op(operator.add, y, b_param)
     if signals is not None:
-        row_signals.append(mul(signals, rstd))
+        row_signals.append(op(operator.mul, signals, rstd))
         coef_rows.append(beta.t())
-    out_signals = b.call_function(torch.cat, row_signals, -1) if len(row_signals) > 1 else row_signals[0]
-    coef_removed = torch.cat([c.reshape(-1, count) if c.dim() == 2 else c.reshape(1, -1) for c in coef_rows]).t()
-    w = weight[removed] if weight is not None else torch.ones(count, dtype=torch.float64)
+    out_signals = op(torch.cat, row_signals, -1) if len(row_signals) > 1 else row_signals[0]
+    if positions:  # per-sample signals, laid out over the positions like the tensor
+        out_signals = op(operator.add, out_signals, b.call_method("sum", b.no_channels(x_new, -1), -1, keepdim=True))
+    coef_removed = torch.cat([c.reshape(-1, n) if c.dim() == 2 else c.reshape(1, -1) for c in coef_rows]).t()
+    w = weight[removed] if weight is not None else torch.ones(n, dtype=torch.float64)
     coef = torch.zeros(size, coef_removed.shape[1], dtype=torch.float64)
     coef[removed] = coef_removed * w[:, None]
     const = torch.zeros(size, dtype=torch.float64)

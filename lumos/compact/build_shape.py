@@ -2,7 +2,6 @@
 channel count, and the channel shuffle as one ``index_select``."""
 from __future__ import annotations
 
-import math
 import operator
 
 import torch

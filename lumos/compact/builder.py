@@ -54,6 +54,11 @@ class Builder:
         self.current: fx.Node | None = None
         self.functionalized = plan.gm.meta.get("lumos_functionalized", set())
         self.mutated = plan.gm.meta.get("lumos_mutated", set())
+        # an in-place module also called where its in-place effect is kept: its out-of-place
+        # calls get a copy of their own
+        self._inplace_kept = {n.target for n in plan.gm.graph.nodes if n.op == "call_module"
+                              and n.name not in self.functionalized
+                              and getattr(plan.module(n), "inplace", False) is True}
         tensors = [*plan.gm.parameters(), *plan.gm.buffers()]
         self.device = tensors[0].device if tensors else torch.device("cpu")  # where new layers go
         self.dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
@@ -84,16 +89,19 @@ class Builder:
     def copy(self, node: fx.Node) -> fx.Node:
         """Emit ``node`` unchanged (its module deep-copied with its hooks, in-place modules made
         out-of-place where the plan functionalized them)."""
+        target = node.target
         if node.op == "call_module":
             original = self.plan.module(node)
             module = copy.deepcopy(original)
             copy_hooks(original, module)
             if node.name in self.functionalized and getattr(module, "inplace", False):
                 module.inplace = False
-            self.attrs[node.target] = module
+                if target in self._inplace_kept:
+                    target = f"{target}_out_of_place".replace(".", "_")
+            self.attrs[target] = module
         elif node.op == "get_attr":
-            self.attrs[node.target] = self._attr_copy(node.target)
-        new = self.emit(node.op, node.target, self.arg(node.args), self.arg(node.kwargs))
+            self.attrs[target] = self._attr_copy(target)
+        new = self.emit(node.op, target, self.arg(node.args), self.arg(node.kwargs))
         self.env[node] = new
         return new
 

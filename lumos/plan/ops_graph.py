@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..nn.gin import GatedGINEAggregation, GINEAggregation, GlobalPool
+from ..nn.gin import GatedGINEAggregation, GINEAggregation
 from .channels import ChannelPlan, Space
 from .ops_attention import bound_args, last_dim_space
 from .ops_linear import output_kind

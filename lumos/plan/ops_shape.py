@@ -14,14 +14,12 @@ merging them back (ShuffleNet's channel shuffle) is recognised as one permutatio
 """
 from __future__ import annotations
 
-import math
-import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from .channels import AFFINE, CONST, FREE, ChannelPlan, Space
+from .channels import AFFINE, FREE, ChannelPlan, Space
 from .record import Context, Copy, Record, whole
 from .trace import node_shape, node_shapes
 

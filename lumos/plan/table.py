@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..nn import FeatureGate, GatedLinear
+from ..nn import FeatureGate, GatedLinear, GlobalPool
 from . import (ops_attention, ops_conv, ops_elementwise as ew, ops_features, ops_graph, ops_io, ops_linear,
                ops_norm, ops_pool, ops_shape)
 from .channels import ChannelPlan
@@ -32,7 +32,7 @@ MODULE_RULES: tuple[tuple[tuple[type, ...], Analyzer], ...] = (
     ((nn.LayerNorm, nn.RMSNorm), ops_norm.analyze_layer_norm_module),
     (ops_attention.ATTENTION_TYPES, ops_attention.analyze_attention),
     (ops_graph.AGGREGATION_TYPES, ops_graph.analyze_aggregation),
-    ((ops_graph.GlobalPool,), ops_graph.analyze_global_pool),
+    ((GlobalPool,), ops_graph.analyze_global_pool),
     (ew.UNARY_MODULES, ew.analyze_unary_module),
     (ew.IDENTITY_MODULES, ew.analyze_identity_module),
     (ops_pool.MAX_POOLS + ops_pool.AVG_POOLS, ops_pool.analyze_pool),
