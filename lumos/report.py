@@ -9,11 +9,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .compact import check_gates
 from .gates import HardConcreteGate
 from .model import as_input_tuple
 from .nn import FeatureGate
-from .plan import check_not_meta, default_inputs, plan_model
+from .plan import check_gates, check_not_meta, default_inputs, plan_model
 
 def count_params(model: nn.Module) -> int:
     """Parameters of ``model``, gate logits excluded."""

@@ -16,10 +16,9 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
-from ..gates import gates_of
 from ..model import GatedModel, as_input_tuple
 from ..nn import FeatureGate
-from ..plan import CompactionError, TraceError, check_not_meta, default_inputs, plan_model
+from ..plan import CompactionError, TraceError, check_gates, check_not_meta, default_inputs, plan_model
 from .builder import copy_hooks
 from .check import self_check
 from .nest import nest
@@ -27,17 +26,6 @@ from .plain import is_gated
 from .table import build
 
 __all__ = ["CompactionError", "TraceError", "compact", "check_gates"]
-
-
-def check_gates(gated: nn.Module, who: str) -> None:
-    """Refuse gates with NaN logits: whether such a unit is open is unknown (training diverged)."""
-    for name, gate in gates_of(gated):
-        bad = torch.isnan(gate.log_alpha.detach())
-        if bool(bad.any()):
-            raise CompactionError(
-                f"{who}: gate `{name}` has {int(bad.sum())} NaN value(s) in log_alpha (units "
-                f"{bad.nonzero().flatten().tolist()[:10]}), so whether those units are open is unknown; training "
-                "diverged: reload a checkpoint or train again with a smaller learning rate")
 
 
 def _refuse_tied_gated_layers(plan) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from ..plan.ops_shape import (Concat, Expand, Index, Permute, PieceItem, Reshape, ShapeItem, ShapeRead, ShuffleMerge,
-                              ShuffleStep, Split, input_of, reshape_sizes)
+                              ShuffleStep, Split, input_of, reshape_groups, reshape_sizes)
 from ..plan.trace import node_shape
 from .builder import Builder
 from .values import Value
@@ -40,6 +40,8 @@ def build_reshape(node: fx.Node, record: Reshape, b: Builder) -> None:
                 if d != space.dim:
                     size = b.call_function(operator.mul, size, b.call_method("size", b.env[x], d))
             sizes[rmap.out_dim] = size
+        if kept == 0:  # no element left: a -1 could be anything, spell it out
+            sizes = _explicit_sizes(node, b, x, sizes)
         if node.op == "call_method":
             b.env[node] = b.call_method(node.target, b.env[x], *sizes)
         else:
@@ -52,6 +54,25 @@ def build_reshape(node: fx.Node, record: Reshape, b: Builder) -> None:
         b.values[node] = Value(value.const[owner])
     else:
         b.values[node] = _const_only(value)
+
+
+def _explicit_sizes(node: fx.Node, b: Builder, x: fx.Node, sizes: list) -> list:
+    """``sizes`` with each -1 replaced by its value, computed from the compacted input's sizes
+    (the product of the input dims of its group over the group's other output sizes)."""
+    groups = reshape_groups(node_shape(x), node_shape(node))
+    out = list(sizes)
+    for j, size in enumerate(sizes):
+        if size != -1:
+            continue
+        gi, gj = next(g for g in groups if j in g[1])
+        value = 1
+        for d in gi:
+            value = b.call_function(operator.mul, value, b.call_method("size", b.env[x], d))
+        for other in gj:
+            if other != j:
+                value = b.call_function(operator.floordiv, value, sizes[other])
+        out[j] = value
+    return out
 
 
 def build_shuffle_step(node: fx.Node, record: ShuffleStep, b: Builder) -> None:

@@ -8,8 +8,8 @@ start from it; only compaction builds anything.
 """
 from .channels import AFFINE, CONST, FREE, ChannelPlan, Space
 from .errors import CompactionError, TraceError
-from .planner import check_not_meta, default_inputs, plan_model, trace_gated
+from .planner import check_gates, check_not_meta, default_inputs, plan_model, trace_gated
 from .record import Context, LayerCost, Record
 
 __all__ = ["AFFINE", "CONST", "FREE", "ChannelPlan", "CompactionError", "Context", "LayerCost", "Record", "Space",
-           "TraceError", "check_not_meta", "default_inputs", "plan_model", "trace_gated"]
+           "TraceError", "check_gates", "check_not_meta", "default_inputs", "plan_model", "trace_gated"]

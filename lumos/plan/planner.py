@@ -12,8 +12,10 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
+from ..gates import gates_of
 from ..model import GatedModel, as_input_tuple
 from .channels import ChannelPlan
+from .errors import CompactionError
 from .probe import alternative_inputs
 from .record import Context, Record
 from .table import rule_for
@@ -62,6 +64,17 @@ def check_not_meta(model: nn.Module, example_inputs: tuple, who: str) -> None:
         raise ValueError(f"{who}: {where} is on the meta device (it holds no values, so lumos cannot run "
                          "the model); materialise the model first, e.g. model.to_empty(device='cpu') and "
                          "load_state_dict(...), and pass real example inputs")
+
+
+def check_gates(gated: nn.Module, who: str) -> None:
+    """Refuse gates with NaN logits: whether such a unit is open is unknown (training diverged)."""
+    for name, gate in gates_of(gated):
+        bad = torch.isnan(gate.log_alpha.detach())
+        if bool(bad.any()):
+            raise CompactionError(
+                f"{who}: gate `{name}` has {int(bad.sum())} NaN value(s) in log_alpha (units "
+                f"{bad.nonzero().flatten().tolist()[:10]}), so whether those units are open is unknown; training "
+                "diverged: reload a checkpoint or train again with a smaller learning rate")
 
 
 def _stateful(module: nn.Module) -> bool:
