@@ -154,9 +154,10 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     """A gated copy of ``model``: L0 gates on the widths of its layers and on its input features.
 
     Every supported layer (``GATED_LAYERS``: ``nn.Linear`` -> :class:`lumos.nn.GatedLinear`...)
-    whose width can really shrink becomes its gated twin with the same weights; layers whose output must keep every channel (the output layer, a
-    layer feeding LayerNorm) stay as they are and are listed in ``gated.skipped`` with the
-    reason. torch's Transformer layers and stacks (``TRACEABLE_TWINS``) first become their
+    whose width can really shrink becomes its gated twin with the same weights; layers whose
+    output must keep every channel (the output layer, a layer feeding a LayerNorm followed by
+    an activation) or that compaction keeps whole (called twice, hooked, tied weights) stay as
+    they are and are listed in ``gated.skipped`` with the reason. torch's Transformer layers and stacks (``TRACEABLE_TWINS``) first become their
     :mod:`lumos.nn.transformer` twins, so that the attention and feed-forward layers inside
     them are gated. ``model`` itself is not modified.
 

@@ -6,10 +6,10 @@ from typing import Callable
 from torch import fx
 
 from ..plan import ops_attention, ops_conv, ops_elementwise, ops_features, ops_graph, ops_io, ops_linear
-from ..plan import ops_norm, ops_pool, ops_shape
+from ..plan import ops_index, ops_norm, ops_pool, ops_shape
 from ..plan.record import Copy, Record, Whole
-from . import (build_attention, build_conv, build_elementwise, build_graph, build_io, build_linear, build_norm,
-               build_shape)
+from . import (build_attention, build_conv, build_elementwise, build_graph, build_index, build_io, build_linear,
+               build_norm, build_shape)
 from .builder import Builder
 from .values import Value
 
@@ -34,12 +34,12 @@ BUILDERS: dict[type, BuildFn] = {
     ops_shape.ShuffleStep: build_shape.build_shuffle_step,
     ops_shape.ShuffleMerge: build_shape.build_shuffle_merge,
     ops_shape.Permute: build_shape.build_permute,
-    ops_shape.Index: build_shape.build_index,
-    ops_shape.Split: build_shape.build_split,
-    ops_shape.PieceItem: build_shape.build_piece,
-    ops_shape.Concat: build_shape.build_concat,
-    ops_shape.ShapeRead: build_shape.build_shape_read,
-    ops_shape.ShapeItem: build_shape.build_shape_item,
+    ops_index.Index: build_index.build_index,
+    ops_index.Split: build_index.build_split,
+    ops_index.PieceItem: build_index.build_piece,
+    ops_index.Concat: build_index.build_concat,
+    ops_index.ShapeRead: build_index.build_shape_read,
+    ops_index.ShapeItem: build_index.build_shape_item,
     ops_shape.Expand: build_shape.build_expand,
     ops_attention.Attention: build_attention.build_attention,
     ops_attention.AttentionItem: build_attention.build_attention_item,

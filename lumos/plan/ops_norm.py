@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from .channels import AFFINE, CONST, FREE, ChannelPlan
 from .ops_io import attr_space
-from .ops_shape import channel_count
+from .ops_index import channel_count
 from .record import Context, Record, whole
 from .trace import node_shape
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn import FeatureGate, GatedLinear, GlobalPool
-from . import (ops_attention, ops_conv, ops_elementwise as ew, ops_features, ops_graph, ops_io, ops_linear,
-               ops_norm, ops_pool, ops_shape)
+from . import (ops_attention, ops_conv, ops_elementwise as ew, ops_features, ops_graph, ops_index, ops_io,
+               ops_linear, ops_norm, ops_pool, ops_shape)
 from .channels import ChannelPlan
 from .record import Context, Record, whole
 
@@ -47,11 +47,11 @@ def analyze_item(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
     record = ctx.records.get(source) if isinstance(source, fx.Node) else None
     if isinstance(record, ops_attention.Attention):
         return ops_attention.analyze_attention_item(node, plan, record)
-    if isinstance(record, ops_shape.Split):
-        return ops_shape.analyze_split_item(node, plan, record)
-    if isinstance(record, ops_shape.ShapeRead) and record.whole_shape:
-        return ops_shape.analyze_shape_item(node, plan, record)
-    return ops_shape.analyze_getitem(node, plan, ctx)
+    if isinstance(record, ops_index.Split):
+        return ops_index.analyze_split_item(node, plan, record)
+    if isinstance(record, ops_index.ShapeRead) and record.whole_shape:
+        return ops_index.analyze_shape_item(node, plan, record)
+    return ops_index.analyze_getitem(node, plan, ctx)
 
 
 def analyze_contiguous(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
@@ -75,16 +75,16 @@ FUNCTION_RULES: dict[Callable, Analyzer] = {
     torch.movedim: ops_shape.analyze_permute,
     torch.swapaxes: ops_shape.analyze_permute,
     torch.t: ops_shape.analyze_permute,
-    torch.chunk: ops_shape.analyze_split,
-    torch.split: ops_shape.analyze_split,
-    torch.tensor_split: ops_shape.analyze_split,
-    torch.unbind: ops_shape.analyze_split,
-    torch.cat: ops_shape.analyze_cat,
-    torch.concat: ops_shape.analyze_cat,
-    torch.concatenate: ops_shape.analyze_cat,
-    torch.stack: ops_shape.analyze_cat,
+    torch.chunk: ops_index.analyze_split,
+    torch.split: ops_index.analyze_split,
+    torch.tensor_split: ops_index.analyze_split,
+    torch.unbind: ops_index.analyze_split,
+    torch.cat: ops_index.analyze_cat,
+    torch.concat: ops_index.analyze_cat,
+    torch.concatenate: ops_index.analyze_cat,
+    torch.stack: ops_index.analyze_cat,
     operator.getitem: analyze_item,
-    getattr: ops_shape.analyze_shape_read,
+    getattr: ops_index.analyze_shape_read,
 }
 
 METHOD_RULES: dict[str, Analyzer] = {
@@ -96,8 +96,8 @@ METHOD_RULES: dict[str, Analyzer] = {
     **{m: ops_shape.analyze_reshape for m in ops_shape.RESHAPE_METHODS + ops_shape.FLATTEN_METHODS
        + ops_shape.SQUEEZE_METHODS + ("unflatten",)},
     **{m: ops_shape.analyze_permute for m in ops_shape.PERMUTE_METHODS},
-    **{m: ops_shape.analyze_split for m in ops_shape.SPLIT_METHODS},
-    **{m: ops_shape.analyze_shape_read for m in ops_shape.SHAPE_METHODS},
+    **{m: ops_index.analyze_split for m in ops_index.SPLIT_METHODS},
+    **{m: ops_index.analyze_shape_read for m in ops_index.SHAPE_METHODS},
     "expand": ops_shape.analyze_expand,
     "expand_as": ops_shape.analyze_expand,
 }
