@@ -131,7 +131,9 @@ def analyze_elementwise(node: fx.Node, plan: ChannelPlan, op: str) -> Record:
     # a number computed in forward (a size read, arithmetic on it) may differ between input shapes
     numbers = [a for a in node.all_input_nodes if node_shape(a) is None]
     varying = any(_varies(b, plan) for b in broadcast) or bool(numbers)
-    kinds = combine_kinds(op, [plan.kinds(plan.space_of[a]) for a in tied], varying)
+    # one entry per tensor argument, repeats included (x * x is quadratic in x)
+    arguments = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node) and a in tied]
+    kinds = combine_kinds(op, [plan.kinds(plan.space_of[a]) for a in arguments], varying)
     out = plan.new_space(node, out_dim, kinds)
     for a in tied:
         plan.tie(out, plan.space_of[a])
