@@ -1,8 +1,8 @@
 """GatedMultiheadAttention: ``nn.MultiheadAttention`` with L0 gates on heads and head dimensions.
 
 :func:`attention_core` (heads split, masks merged, ``F.scaled_dot_product_attention``, heads
-merged) is shared by the gated layer and by compacted models, whose graphs call it between
-plain ``nn.Linear`` projections.
+merged) is the gated layer's core; a compacted model spells the same computation out in plain
+torch ops between ``nn.Linear`` projections (``lumos/compact/build_attention.py``).
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads:
 
     ``M`` merges ``attn_mask`` ((L, S), or (B * H_all, L, S) per head) and ``key_padding_mask``
     ((B, S)); bool masks mark positions that may *not* be attended (``nn.MultiheadAttention``'s
-    convention), float masks are added. ``heads`` (long, the kept heads among ``H_all``) selects
-    the rows of a per-head ``attn_mask`` in a compacted model.
+    convention), float masks are added. ``heads`` (long, a subset of the ``H_all`` heads the mask
+    was made for) selects the rows of a per-head ``attn_mask``.
 
     Shapes:
         q ``(B, L, H * Dq)`` (``(L, B, .)`` if not ``batch_first``; ``(L, .)`` unbatched),
