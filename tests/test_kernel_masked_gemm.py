@@ -140,11 +140,11 @@ def test_masked_linear_rejects_mixed_dtypes():
         masked_linear(torch.randn(2, 3), torch.randn(4, 3, dtype=torch.float64))
 
 
-@needs_interpreter
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
 @pytest.mark.parametrize("optional", [True, False])
-def test_masked_linear_opcheck(optional):
+def test_masked_linear_opcheck(backend, optional):
     x, w, b, gi, go = _inputs((3, 5), 7, 9, bias=optional, m_in=optional, m_out=True)
-    torch.library.opcheck(_masked_linear_op, (x, w, b, gi, go, "triton"))
+    torch.library.opcheck(_masked_linear_op, (x, w, b, gi, go, backend))
 
 
 @needs_interpreter
