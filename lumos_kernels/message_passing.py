@@ -218,7 +218,8 @@ def _check_transposed(rowptr_t: torch.Tensor, perm_t: torch.Tensor, col: torch.T
             if low < 0 or high >= num_edges:
                 problems.append(f"`perm_t` values must lie in [0, E={num_edges}), got [{low}, {high}]")
             else:
-                covered = torch.zeros(num_edges, dtype=torch.bool, device=col.device).index_fill_(0, perm_t.long(), True)
+                covered = torch.zeros(num_edges, dtype=torch.bool, device=col.device)
+                covered.index_fill_(0, perm_t.long(), True)
                 source = torch.repeat_interleave(torch.arange(rowptr_t.numel() - 1, device=col.device),
                                                  rowptr_t[1:] - rowptr_t[:-1], output_size=num_edges)
                 if not bool(covered.all() & (col[perm_t].long() == source).all()):

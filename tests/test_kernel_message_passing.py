@@ -325,7 +325,8 @@ def check_row_addresses_are_int64(ttir, name):
     # the row part must be i64; an i32 offset of a 2-D tile may only be the broadcast column range.
     defs = {m.group(1): line for line in ttir.splitlines() for m in [re.match(r"\\s*(%[\\w.#]+) = ", line)] if m}
     for line in ttir.splitlines():
-        hit = re.search(r"tt.addptr %\\S+, (%[\\w.#]+) : tensor<(\\d+)x(\\d+)x!tt.ptr<\\w+>>, tensor<\\d+x\\d+x(i\\d+)>", line)
+        hit = re.search(r"tt.addptr %\\S+, (%[\\w.#]+) : tensor<(\\d+)x(\\d+)x!tt.ptr<\\w+>>, "
+                        r"tensor<\\d+x\\d+x(i\\d+)>", line)
         if hit and hit.group(4) == "i32":
             source = defs[hit.group(1)]
             assert "tt.broadcast" in source and "tensor<1x" in source, (name, line.strip(), source.strip())
