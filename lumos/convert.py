@@ -8,11 +8,15 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .compact import plan_model
+from .plan import check_not_meta, plan_model
+from .plan.planner import kept_whole as modules_kept_whole
+from .plan.trace import has_hooks
 from .model import GatedModel, as_input_tuple
 from .nn import FeatureGate, GatedLinear
 from .nn import GatedGINEAggregation, GatedMultiheadAttention, GINEAggregation
 from .nn import GatedConv1d, GatedConv2d, GatedConv3d, GatedConvTranspose2d, GatedConvTranspose3d
+from .nn.transformer import TWINS as TRACEABLE_TWINS  # torch layer fx keeps whole -> traceable lumos twin
+from .nn.transformer import twin_blocker
 
 # plain layer type -> function(layer, **gate_kwargs) returning its gated twin (same weights)
 GATED_LAYERS: dict[type, Callable[..., nn.Module]] = {
@@ -55,41 +59,86 @@ def _example_slice(example_inputs: tuple) -> tuple:
     return tuple(out)
 
 
+# layers whose rule also prunes parts of them: those parts are not gated on their own
+PRUNED_INSIDE = (nn.MultiheadAttention, GINEAggregation)
+
+
+def _whole_reason(gm, name: str, calls: Counter) -> str:
+    """Why the plan keeps the module ``name`` whole."""
+    module = gm.get_submodule(name)
+    if has_hooks(module):
+        return "has forward hooks or pre-hooks (kept whole so that they keep running on it)"
+    if calls[name] > 1:
+        return "called more than once per forward (shared weights)"
+    if any(n.op == "get_attr" and n.target.startswith(name + ".") for n in gm.graph.nodes):
+        return "its weights are also read directly in forward (tied weights)"
+    return "named in leaf_modules (kept whole)"
+
+
 def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
                    leaf_modules: Iterable) -> tuple[list[str], dict[str, str]]:
     """Which supported layers to gate, and why the others are left alone.
 
     A layer is worth gating only if its output channels can really be removed: not when it
-    produces the model's output, or feeds an op that needs every channel (LayerNorm, an op
-    lumos has no rule for); the channel plan of the ungated model says which.
+    produces the model's output, or feeds ops that need every channel (an op lumos keeps whole;
+    a LayerNorm followed by an activation). The channel plan of the ungated model with every
+    layer's outputs assumed closed says which: a layer none of whose channels it drops stays
+    ungated.
     """
-    plan, _ = plan_model(_Plain(model, feature_dim), example_inputs, leaf_modules=leaf_modules)
+    plan, records = plan_model(_Plain(model, feature_dim), example_inputs, leaf_modules=leaf_modules,
+                               who="lumos.gate", assume_closed=True)
     outputs = [plan.space_of[a] for n in plan.gm.graph.nodes if n.op == "output"
                for a in n.all_input_nodes if a in plan.space_of]
     calls = Counter(node.target for node in plan.gm.graph.nodes if node.op == "call_module")
+    whole = modules_kept_whole(plan.gm)
     chosen, skipped = [], {}
     for name, module in model.named_modules():
         if type(module) not in GATED_LAYERS:
             continue
-        if any(name.startswith(called + ".") for called in calls):
-            continue  # part of a layer traced whole (a GINE aggregation's edge embedding): its rule prunes it
+        parent = next((called for called in calls if name.startswith(called + ".")), None)
+        if parent is not None:
+            if not isinstance(plan.module_of(parent), PRUNED_INSIDE) or parent in whole:
+                skipped[name] = f"inside `{parent}`, which lumos keeps whole (a leaf module)"
+            continue
         if calls.get(name, 0) == 0:
             skipped[name] = "never called in forward (or called inside a leaf module)"
             continue
-        if calls[name] > 1:
-            skipped[name] = "called more than once per forward (shared weights)"
+        if name in whole:
+            skipped[name] = _whole_reason(plan.gm, name, calls)
             continue
         node = next(n for n in plan.gm.graph.nodes if n.op == "call_module" and n.target == name)
-        space = plan.space_of[node]
-        if bool(plan.pinned_mask(space).all()):
+        space = plan.space_of.get(node)
+        if space is not None and bool(plan.kept_mask(space).all()):
             if any(plan.same_group(space, out) for out in outputs):
                 skipped[name] = "produces the model's output, whose width is fixed"
             else:
-                skipped[name] = ("feeds an op that needs every channel (e.g. LayerNorm, "
-                                 "or an op lumos keeps whole)")
+                skipped[name] = ("feeds an op that needs every channel (an op lumos keeps whole, "
+                                 "or a LayerNorm followed by an activation)")
             continue
         chosen.append(name)
     return chosen, skipped
+
+
+def _swap_in_traceable_twins(model: nn.Module, leaf_modules: tuple) -> dict[str, str]:
+    """Turn, in place, every torch layer of ``TRACEABLE_TWINS`` into its twin (same submodules and
+    state_dict, a forward fx can trace), except in ``leaf_modules`` or where a part could not be
+    traced (:func:`lumos.nn.transformer.twin_blocker`); returns those kept whole, with why."""
+    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    whole, kept = {}, {}  # name of a module kept whole -> why its parts are
+    for name, module in model.named_modules():
+        outer = next((w for w in whole if name.startswith(w + ".")), None)
+        why = whole[outer] if outer is not None else None
+        if why is None and (name in leaf_modules or isinstance(module, leaf_types)):
+            why = whole[name] = f"`{name}` is in leaf_modules"
+        if type(module) not in TRACEABLE_TWINS:
+            continue
+        why = why or twin_blocker(module)
+        if why is None:
+            module.__class__ = TRACEABLE_TWINS[type(module)]
+        else:
+            kept[name] = f"{type(module).__name__} kept whole (not converted to its lumos.nn twin): {why}"
+            whole.setdefault(name, f"inside `{name}`, kept whole")
+    return kept
 
 
 class _Plain(GatedModel):
@@ -105,9 +154,12 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     """A gated copy of ``model``: L0 gates on the widths of its layers and on its input features.
 
     Every supported layer (``GATED_LAYERS``: ``nn.Linear`` -> :class:`lumos.nn.GatedLinear`...)
-    whose width can really shrink becomes its gated twin with the same weights; layers whose output must keep every channel (the output layer, a
-    layer feeding LayerNorm) stay as they are and are listed in ``gated.skipped`` with the
-    reason. ``model`` itself is not modified.
+    whose width can really shrink becomes its gated twin with the same weights; layers whose
+    output must keep every channel (the output layer, a layer feeding a LayerNorm followed by
+    an activation) or that compaction keeps whole (called twice, hooked, tied weights) stay as
+    they are and are listed in ``gated.skipped`` with the reason. torch's Transformer layers and stacks (``TRACEABLE_TWINS``) first become their
+    :mod:`lumos.nn.transformer` twins, so that the attention and feed-forward layers inside
+    them are gated. ``model`` itself is not modified.
 
     Args:
         model: the dense model (an ``nn.Module``, traceable by ``torch.fx``).
@@ -127,6 +179,7 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     if not isinstance(model, nn.Module):
         raise TypeError(f"lumos.gate: `model` must be a torch.nn.Module, got {type(model).__name__}")
     example_inputs = as_input_tuple(example_inputs, "lumos.gate")
+    check_not_meta(model, example_inputs, "lumos.gate")
     supported = [name for name, m in model.named_modules() if type(m) in GATED_LAYERS]
     if not supported:
         found = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
@@ -141,7 +194,9 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     names = {id(m): name for name, m in model.named_modules()}
     leaf_modules = tuple(names.get(id(m), m) if isinstance(m, nn.Module) else m for m in leaf_modules)
     copied = copy.deepcopy(model)
+    kept_whole = _swap_in_traceable_twins(copied, leaf_modules)
     chosen, skipped = _choose_layers(copied, example_inputs, feature_dim, leaf_modules)
+    skipped = {**kept_whole, **skipped}
     for name in chosen:
         parent_name, _, leaf = name.rpartition(".")
         parent = copied.get_submodule(parent_name) if parent_name else copied

@@ -1,7 +1,7 @@
 """Expected and actual cost (parameters, FLOPs) of a gated model, differentiable in its gates.
 
-Each compaction rule describes its layer's cost as a :class:`~lumos.compact.rules.LayerCost`.
-Every channel group of the channel plan (see :mod:`lumos.compact.plan`) is alive with
+Each analysis record describes its layer's cost as a :class:`~lumos.plan.LayerCost`.
+Every channel group of the channel plan (see :mod:`lumos.plan.channels`) is alive with
 probability ``q = 1 - prod_g (1 - p_g)`` over the gates ``g`` that produce it (1 when an
 ungated layer produces it). A layer then costs ``E[in] * E[out] * weight_per_pair (+ E[out]
 for the bias)`` parameters and twice that times its output positions in FLOPs per sample,
@@ -15,9 +15,7 @@ import weakref
 import torch
 from torch import nn
 
-from .compact import plan_model
-from .compact.plan import Space
-from .compact.rules import LayerCost
+from .plan import LayerCost, Space, plan_model
 from .gates import HardConcreteGate, gates_of
 from .nn import FeatureGate
 
@@ -34,7 +32,7 @@ class CostModel:
     """
 
     def __init__(self, gated: nn.Module, example_inputs=None):
-        plan, rules = plan_model(gated, example_inputs)
+        plan, records = plan_model(gated, example_inputs, who="lumos.penalty")
         self.gates = [gate for _, gate in gates_of(gated)]
         self._group = plan.group_index()
         self.n_groups = int(self._group.max()) + 1 if self._group.numel() else 0
@@ -49,7 +47,7 @@ class CostModel:
             certain[self._groups(space)] = True
         for node in plan.gm.graph.nodes:
             module = plan.module(node) if node.op == "call_module" else None
-            terms = rules[node].layer_cost(node, plan)  # a LayerCost, a list of them (attention), or None
+            terms = records[node].layer_cost(node, plan)  # a LayerCost, a list of them (attention), or None
             if isinstance(terms, LayerCost):
                 terms = [terms]
             for term in terms or ():

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .compact import _default_inputs, build, plan_model
-from .model import as_input_tuple
 from .gates import HardConcreteGate
+from .model import as_input_tuple
 from .nn import FeatureGate
+from .plan import check_gates, check_not_meta, default_inputs, plan_model
 
 def count_params(model: nn.Module) -> int:
     """Parameters of ``model``, gate logits excluded."""
@@ -42,7 +42,10 @@ class Report:
         layers: one dict per layer with a width (linear, conv...): ``name``, ``width_before``, ``width_after``, ``gated``.
         params_before, params_after: parameters of the dense model and of the compacted one
             (predicted from the channel plan, without building it).
-        flops_before, flops_after: FLOPs per input row (``torch.utils.flop_counter``).
+        flops_before, flops_after: FLOPs per input row of the linear, convolution and attention
+            layers (2 per multiply-add, what ``torch.utils.flop_counter`` counts for them) at the
+            dense and at the kept widths, from the channel plan; the few small products a
+            compacted model adds (constants at zero-padded borders, norm statistics) are not counted.
         skipped: layers left ungated, with the reason.
     """
 
@@ -133,28 +136,33 @@ class Report:
 
 def report(gated: nn.Module, example_inputs=None, *, leaf_modules=None) -> Report:
     """What the gates of ``gated`` decide, in eval mode: kept features (with their ``p_open``),
-    width of every linear layer before and after, parameters and FLOPs before and after.
+    width of every layer before and after, parameters and FLOPs before and after.
 
-    ``params_after`` is predicted from the channel plan; :func:`lumos.compact` builds exactly
-    that many parameters.
+    Everything is read from the channel plan (nothing is built); :func:`lumos.compact` builds
+    exactly ``params_after`` parameters. Refuses gates whose ``log_alpha`` holds NaN.
     """
     if not isinstance(gated, nn.Module):
         raise TypeError(f"lumos.report: `gated` must be an nn.Module, got {type(gated).__name__}")
-    plan, rules = plan_model(gated, example_inputs, leaf_modules=leaf_modules)
     inputs = as_input_tuple(example_inputs, "lumos.report") if example_inputs is not None \
-        else _default_inputs(gated)
+        else default_inputs(gated, "lumos.report")
+    check_not_meta(gated, inputs, "lumos.report")
+    check_gates(gated, "lumos.report")
+    plan, records = plan_model(gated, inputs, leaf_modules=leaf_modules, who="lumos.report")
     out = Report(skipped=dict(getattr(gated, "skipped", {})))
     for node in plan.gm.graph.nodes:
         module = plan.module(node) if node.op == "call_module" else None
+        record = records[node]
         if isinstance(module, FeatureGate):
-            kept = plan.kept_mask(plan.space_of[node])
+            kept = plan.kept_mask(plan.space_of[node]) & module.gate.kept().cpu()
             p_open = module.gate.p_open().detach().cpu()
             out.features = [{"name": name, "p_open": float(p), "kept": bool(k)}
                             for name, p, k in zip(module.feature_names, p_open, kept)]
-        elif rules[node].reports_width and node in plan.space_of:
+        elif record.reports_width and (node in plan.space_of or hasattr(record, "width")):
+            before, after = record.width(node, plan) if hasattr(record, "width") \
+                else (plan.space_of[node].size, plan.width(node))
             gated_layer = any(isinstance(m, HardConcreteGate) for m in module.modules())
-            out.layers.append({"name": node.target, "width_before": plan.space_of[node].size,
-                               "width_after": plan.width(node), "gated": gated_layer})
+            out.layers.append({"name": node.target, "width_before": before, "width_after": after,
+                               "gated": gated_layer})
     out.params_before = count_params(gated)
     counted = set()  # a module or attribute used twice holds its parameters once
     for node in plan.gm.graph.nodes:
@@ -162,8 +170,9 @@ def report(gated: nn.Module, example_inputs=None, *, leaf_modules=None) -> Repor
             if node.target in counted:
                 continue
             counted.add(node.target)
-        out.params_after += rules[node].params(node, plan)
-    out.flops_before = count_flops(gated, inputs)
-    with torch.no_grad():
-        out.flops_after = count_flops(build(plan, rules, "Compacted"), inputs)
+        out.params_after += records[node].params(node, plan)
+    first = inputs[0]
+    rows = first.shape[0] if first.dim() > 1 else 1
+    out.flops_before = sum(records[n].flops(n, plan, dense=True) for n in plan.gm.graph.nodes) / rows
+    out.flops_after = sum(records[n].flops(n, plan) for n in plan.gm.graph.nodes) / rows
     return out

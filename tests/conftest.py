@@ -18,3 +18,13 @@ def _seeded():
 def triton_backend(monkeypatch):
     """Route the lumos_kernels ops to Triton (the kernel tests turn this on module-wide)."""
     monkeypatch.setenv("LUMOS_BACKEND", "triton")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models: faster, and immune to a busy machine's
+    OpenMP stalls (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,15 +1,16 @@
 """Compaction: turn a gated model into a plain, smaller PyTorch model that computes the same thing.
 
-``lumos.compact(gated, example_inputs)`` traces the gated model with ``torch.fx``, solves which
-channels of every tensor survive (:mod:`.plan`, with one rule per op kind in :mod:`.rules`),
-folds the gate values into the weights and rebuilds each layer at its new width
-(:mod:`.build`). The result is an ``fx.GraphModule`` of standard torch modules (plus
-:class:`InputSelect` for the kept input features) equal to ``gated.eval()`` to float tolerance.
+``lumos.compact(gated, example_inputs)`` plans the channels (:mod:`lumos.plan`: trace, one
+analysis rule per op, solve), builds each op at its kept width from its record (one builder per
+op family, ``build_*.py``, dispatched by :data:`.table.BUILDERS`), folds the gate values and the
+values of dropped channels into the consumers, checks the result against the gated model
+(:mod:`.check`) and returns an ``fx.GraphModule`` that holds only torch modules, torch functions
+and buffers. ``DERIVATIONS.md`` derives what the builders fold.
 """
 from __future__ import annotations
 
+import copy
 import warnings
-from collections import Counter
 from typing import Iterable
 
 import torch
@@ -17,91 +18,35 @@ from torch import fx, nn
 
 from ..model import GatedModel, as_input_tuple
 from ..nn import FeatureGate
-from .build import build
-from .modules import InputSelect
-from .plan import ChannelPlan
-from .rules import Opaque, Placeholder, Rule, rule_for
-from . import rules_conv  # noqa: F401  (registers the conv, pooling, flatten, cat rules)
-from . import rules_gnn, rules_attention  # noqa: F401  (GINE aggregation, graph pooling, attention)
-from .trace import TraceError, propagate_shapes, trace
+from ..plan import CompactionError, TraceError, check_gates, check_not_meta, default_inputs, plan_model
+from .builder import copy_hooks
+from .check import self_check
+from .nest import nest
+from .plain import is_gated
+from .table import build
 
-__all__ = ["CompactionError", "InputSelect", "TraceError", "compact", "plan_model"]
-
-
-class CompactionError(RuntimeError):
-    """A gated model that lumos cannot compact into an exact plain model."""
+__all__ = ["CompactionError", "TraceError", "compact", "check_gates"]
 
 
-def trace_gated(gated: nn.Module, leaf_modules: Iterable = ()) -> tuple[fx.GraphModule, int]:
-    """Trace a gated model (a :class:`GatedModel` or any module holding gated layers).
-
-    Returns the graph module and the feature dimension of its first input. For a
-    :class:`GatedModel` the input feature gate becomes a node right after the first input.
-    """
-    if not isinstance(gated, GatedModel):
-        return trace(gated, leaf_modules), -1
-    gm = trace(gated.model, leaf_modules)
-    if gated.feature_gate is not None:
-        name = "feature_gate"
-        while hasattr(gm, name):  # the user's model may have a submodule of that name
-            name = "lumos_" + name
-        gm.add_submodule(name, gated.feature_gate)
-        first = next(n for n in gm.graph.nodes if n.op == "placeholder")
-        with gm.graph.inserting_after(first):
-            gate_node = gm.graph.call_module(name, (first,))
-        first.replace_all_uses_with(gate_node, delete_user_cb=lambda user: user is not gate_node)
-        gm.recompile()
-    return gm, gated.feature_dim
-
-
-def _default_inputs(gated: nn.Module) -> tuple:
-    """The example inputs kept by :func:`lumos.gate`, moved to where the model is now."""
-    inputs = getattr(gated, "example_inputs", ())
-    if not inputs:
-        raise ValueError("lumos.compact: pass `example_inputs` (this model was not made by lumos.gate)")
-    param = next((p for p in gated.parameters() if p.is_floating_point()), None)
-    if param is None:
-        return tuple(inputs)
-    return tuple(t.to(param.device, param.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
-                 else t.to(param.device) if isinstance(t, torch.Tensor) else t for t in inputs)
-
-
-def plan_model(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | None = None,
-               keep_input_shape: bool = True) -> tuple[ChannelPlan, dict[fx.Node, Rule]]:
-    """Trace ``gated`` and solve which channels survive, without building anything.
-
-    ``example_inputs`` and ``leaf_modules`` default to those given to :func:`lumos.gate`.
-    """
-    if example_inputs is None:
-        example_inputs = _default_inputs(gated)
-    if leaf_modules is None:
-        leaf_modules = getattr(gated, "leaf_modules", ())
-    example_inputs = as_input_tuple(example_inputs, "lumos.compact")
-    was_training = gated.training
-    gated.eval()  # trace in eval: functional dropout etc. record training=False
-    try:
-        gm, feature_dim = trace_gated(gated, leaf_modules)
-        propagate_shapes(gm, example_inputs)
-    finally:
-        gated.train(was_training)
-    plan = ChannelPlan(gm)
-    placeholder = Placeholder(feature_dim, keep_input_shape)
-    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
-    # kept whole: modules the user named as leaves, and modules called more than once (one
-    # compacted copy could not serve calls that keep different channels)
-    whole = gm.meta.get("lumos_user_leaves", set()) | {t for t, count in calls.items() if count > 1}
-    rules = {}
-    for node in gm.graph.nodes:
-        rules[node] = Opaque() if node.op == "call_module" and node.target in whole \
-            else rule_for(node, plan, placeholder)
-        rules[node].analyze(node, plan)
-    plan.solve()
-    return plan, rules
+def _refuse_tied_gated_layers(plan) -> None:
+    """A gated layer whose parameter is also read directly (tied weights) cannot keep its tie
+    once its gates are folded into its weights."""
+    for node in plan.gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner = node.target.rpartition(".")[0]
+        for other in plan.gm.graph.nodes:
+            if other.op == "call_module" and (owner == other.target or owner.startswith(other.target + ".")) \
+                    and is_gated(plan.module(other)):
+                raise CompactionError(
+                    f"lumos.compact: `{node.target}` is read directly by node `{node.name}` while `{other.target}` is "
+                    "a gated layer (tied weights); folding its gates would untie them. lumos.gate leaves such "
+                    "layers ungated: gate the original model with lumos.gate, or untie the weights")
 
 
 def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | None = None,
             keep_input_shape: bool = True) -> fx.GraphModule:
-    """Build the plain, compacted model of ``gated`` (which is left untouched).
+    """Build the plain, compacted model of ``gated`` (which is left untouched), and check it.
 
     Args:
         gated: a model from :func:`lumos.gate` (or any module holding lumos gated layers).
@@ -115,18 +60,43 @@ def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
             (``lumos.report(gated).kept_features`` names them).
 
     Returns:
-        An ``fx.GraphModule`` in eval mode with standard torch layers at their kept widths;
-        ``compacted(x)`` equals ``gated.eval()(x)`` to float tolerance.
+        An ``fx.GraphModule`` in eval mode holding only torch modules, torch functions and
+        buffers, its layers at their kept widths; ``compacted(x)`` equals ``gated.eval()(x)`` to
+        float tolerance. Before returning, the two are compared on fresh inputs of the example's
+        shape and of other batch and spatial/sequence sizes the model accepts.
+
+    Raises:
+        CompactionError: the model cannot be compacted exactly (the message names the node and
+            what to do), or a gate's ``log_alpha`` holds NaN.
+        TraceError: ``torch.fx`` cannot trace the model (the message names the module).
     """
     if not isinstance(gated, nn.Module):
         raise TypeError(f"lumos.compact: `gated` must be an nn.Module, got {type(gated).__name__}")
-    plan, rules = plan_model(gated, example_inputs, leaf_modules=leaf_modules,
-                             keep_input_shape=keep_input_shape)
-    for node in plan.gm.graph.nodes:
-        if node.op == "call_module" and isinstance(plan.module(node), FeatureGate) and plan.width(node) == 0:
-            warnings.warn("lumos.compact: the compacted model no longer depends on its input (every input "
-                          "feature, or every unit of a layer on the input's path, is closed) and predicts "
-                          "a constant; train with a larger budget or a smaller penalty", stacklevel=2)
+    inputs = as_input_tuple(example_inputs, "lumos.compact") if example_inputs is not None \
+        else default_inputs(gated)
+    check_not_meta(gated, inputs, "lumos.compact")
+    check_gates(gated, "lumos.compact")
+    plan, records = plan_model(gated, inputs, leaf_modules=leaf_modules, keep_input_shape=keep_input_shape)
+    _refuse_tied_gated_layers(plan)
+    feature_node = next((n for n in plan.gm.graph.nodes if n.op == "call_module"
+                         and isinstance(plan.module(n), FeatureGate)), None)
+    if feature_node is not None and plan.width(feature_node) == 0:
+        warnings.warn("lumos.compact: the compacted model no longer depends on its input (every input "
+                      "feature, or every unit of a layer on the input's path, is closed) and predicts "
+                      "a constant; train with a larger budget or a smaller penalty", stacklevel=2)
     inner = gated.model if isinstance(gated, GatedModel) else gated
     with torch.no_grad():
-        return build(plan, rules, f"Compact{type(inner).__name__}")
+        small, builder = build(plan, records, f"Compact{type(inner).__name__}")
+    flat = small
+    hooked = plan.gm.meta.get("lumos_hooked", [])
+    if hooked:  # containers with hooks become submodules of the same name, with the same hooks
+        flat = copy.deepcopy(small)
+        small = nest(small, plan.gm, inner, hooked)
+    copy_hooks(inner, small)
+    feature_index, feature_dim = None, -1
+    if not keep_input_shape:
+        first = next(n for n in plan.gm.graph.nodes if n.op == "placeholder")
+        feature_index = plan.kept(plan.space_of[first])
+        feature_dim = plan.space_of[first].dim
+    self_check(gated, small, flat, builder, inputs, feature_index, feature_dim)
+    return small

@@ -10,3 +10,8 @@ from .gin import GatedGINConv, GatedGINEAggregation, GINConv, GINEAggregation, G
 
 __all__ += ["GatedMultiheadAttention", "GINConv", "GatedGINConv", "GINEAggregation", "GatedGINEAggregation",
             "GlobalPool"]
+from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer,  # noqa: E402
+                          TransformerEncoder, TransformerEncoderLayer)
+
+__all__ += ["Transformer", "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder",
+            "TransformerEncoderLayer"]

@@ -1,8 +1,8 @@
 """GatedMultiheadAttention: ``nn.MultiheadAttention`` with L0 gates on heads and head dimensions.
 
 :func:`attention_core` (heads split, masks merged, ``F.scaled_dot_product_attention``, heads
-merged) is shared by the gated layer and by compacted models, whose graphs call it between
-plain ``nn.Linear`` projections.
+merged) is the gated layer's core; a compacted model spells the same computation out in plain
+torch ops between ``nn.Linear`` projections (``lumos/compact/build_attention.py``).
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads:
 
     ``M`` merges ``attn_mask`` ((L, S), or (B * H_all, L, S) per head) and ``key_padding_mask``
     ((B, S)); bool masks mark positions that may *not* be attended (``nn.MultiheadAttention``'s
-    convention), float masks are added. ``heads`` (long, the kept heads among ``H_all``) selects
-    the rows of a per-head ``attn_mask`` in a compacted model.
+    convention), float masks are added. ``heads`` (long, a subset of the ``H_all`` heads the mask
+    was made for) selects the rows of a per-head ``attn_mask``.
 
     Shapes:
         q ``(B, L, H * Dq)`` (``(L, B, .)`` if not ``batch_first``; ``(L, .)`` unbatched),
@@ -91,6 +91,32 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads:
     return (out if batch_first else out.transpose(0, 1)), weights
 
 
+GATE_NAMES = ("head_gate", "qk_dim_gate", "v_dim_gate")
+
+
+def _load_torch_layout(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook of :class:`GatedMultiheadAttention`: rewrite, in the dict being
+    loaded, an ``nn.MultiheadAttention`` layout (packed ``in_proj_weight`` / ``in_proj_bias``, or
+    ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``) to ``q_proj.weight``... and add the gates'
+    current values (torch's layer has no gates). Any other layout is left as it is."""
+    packed, separate = prefix + "in_proj_weight", [f"{prefix}{p}_proj_weight" for p in "qkv"]
+    if packed in state_dict:
+        weights = state_dict.pop(packed).chunk(3)
+    elif all(key in state_dict for key in separate):
+        weights = [state_dict.pop(key) for key in separate]
+    else:
+        return
+    bias = state_dict.pop(prefix + "in_proj_bias", None)
+    biases = bias.chunk(3) if bias is not None else (None, None, None)
+    for p, weight, b in zip("qkv", weights, biases):
+        state_dict[f"{prefix}{p}_proj.weight"] = weight
+        if b is not None:
+            state_dict[f"{prefix}{p}_proj.bias"] = b
+    for gate in GATE_NAMES:
+        for key, value in getattr(module, gate).state_dict().items():
+            state_dict.setdefault(f"{prefix}{gate}.{key}", value)
+
+
 class GatedMultiheadAttention(nn.Module):
     r"""Multi-head attention with separate Q, K, V projections and L0 gates (DESIGN.md 1, attention).
 
@@ -111,6 +137,10 @@ class GatedMultiheadAttention(nn.Module):
     A drop-in for ``nn.MultiheadAttention`` (same arguments and ``forward``; ``add_bias_kv`` and
     ``add_zero_attn`` are not supported). Parameters ``q_proj``, ``k_proj``, ``v_proj``,
     ``out_proj`` are ``nn.Linear`` layers initialised like torch's packed projections.
+    ``load_state_dict`` also takes a ``state_dict`` of ``nn.MultiheadAttention`` (packed
+    ``in_proj_weight``/``in_proj_bias``, or ``q_proj_weight``... when ``kdim``/``vdim`` differ): it
+    is split into the three projections, and the gates, which torch's layer has not, keep
+    their current values.
 
     Args:
         embed_dim, num_heads, dropout, bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention``.
@@ -144,6 +174,7 @@ class GatedMultiheadAttention(nn.Module):
         self.head_gate = HardConcreteGate(num_heads, device=device, **gate_kwargs)
         self.qk_dim_gate = HardConcreteGate(self.head_dim, device=device, **gate_kwargs)
         self.v_dim_gate = HardConcreteGate(self.head_dim, device=device, **gate_kwargs)
+        self.register_load_state_dict_pre_hook(_load_torch_layout)
 
     @property
     def scaling(self) -> float:

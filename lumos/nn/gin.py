@@ -3,9 +3,10 @@
 A :class:`GINConv` is an aggregation followed by an MLP. The aggregation is its own module
 (:class:`GINEAggregation`, gated twin :class:`GatedGINEAggregation`) so that compaction traces
 *through* the convolution: the MLP's ``nn.Linear`` layers are gated and shrunk by the same rules
-as any other linear layer, and the aggregation's rule (``lumos/compact/rules_gnn.py``) shrinks
-the feature columns. A compacted model therefore holds a plain, narrower
-:class:`GINEAggregation` followed by the MLP's plain ``nn.Linear`` layers.
+as any other linear layer, and the aggregation's rule (``lumos/plan/ops_graph.py``) shrinks
+the feature columns. A compacted model holds the narrower aggregation as plain torch ops
+(``index_select``, ``index_add``: ``lumos/compact/build_graph.py``) followed by the MLP's plain
+``nn.Linear`` layers.
 """
 from __future__ import annotations
 
@@ -182,7 +183,7 @@ class GINConv(nn.Module):
         x ``(N, F)``, edge_index ``(2, E)``, edge_attr ``(E, edge_dim)``; output ``(N, F_out)``.
     """
 
-    lumos_trace_through = True  # compaction traces aggr and mlp separately (lumos.compact.trace)
+    lumos_trace_through = True  # compaction traces aggr and mlp separately (lumos.plan.trace)
     aggregation_type: type = GINEAggregation
 
     def __init__(self, in_channels: int, mlp: nn.Module, edge_dim: int | None, train_eps: bool = False,
