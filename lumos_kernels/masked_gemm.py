@@ -44,31 +44,39 @@ from . import dispatch
 
 
 class _MaskedLinearReference(torch.autograd.Function):
-    """Torch reference with the explicit backward the Triton kernels mirror."""
+    """Torch reference (the CPU path). Training computes ``y_pre = (x * m_in) @ W.T + b`` with
+    ``nn.Linear``'s GEMMs and keeps it for the output-gate gradient, so that the backward is a
+    plain linear backward on ``G * m_out`` plus one ``(M, N)`` product:
+    ``dm_out = (G * y_pre).sum(0)``, ``dm_in = ((G * m_out) @ W * x).sum(0)`` (the same
+    gradients as the formulas above, without the ``(N, K)`` products)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, m_in, m_out):
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        if x2.shape[0] >= weight.shape[0]:
+        m_in_w = None if m_in is None else m_in.to(weight.dtype)
+        m_out_w = None if m_out is None else m_out.to(weight.dtype)
+        y_pre = None
+        if m_out is not None and ctx.needs_input_grad[4]:
+            y_pre = torch.nn.functional.linear(x2 if m_in is None else x2 * m_in_w, weight, bias)
+            y = y_pre * m_out_w
+        elif x2.shape[0] >= weight.shape[0]:
             # more rows than outputs: scaling the (N, K) weight costs less than scaling x and y
-            w = weight if m_out is None else weight * m_out.to(weight.dtype)[:, None]
-            w = w if m_in is None else w * m_in.to(weight.dtype)[None, :]
-            b = bias if bias is None or m_out is None else bias * m_out.to(bias.dtype)
+            w = weight if m_out is None else weight * m_out_w[:, None]
+            w = w if m_in is None else w * m_in_w[None, :]
+            b = bias if bias is None or m_out is None else bias * m_out_w
             y = torch.nn.functional.linear(x2, w, b)
         else:
-            xm = x2 * m_in.to(x.dtype) if m_in is not None else x2
-            y = xm @ weight.t()
-            if bias is not None:
-                y = y + bias
+            y = torch.nn.functional.linear(x2 if m_in is None else x2 * m_in_w, weight, bias)
             if m_out is not None:
-                y = y * m_out.to(y.dtype)
-        ctx.save_for_backward(x2, weight, bias, m_in, m_out)
+                y = y * m_out_w
+        ctx.save_for_backward(x2, weight, m_in, m_out, y_pre)
+        ctx.has_bias = bias is not None
         return y.reshape(*lead, weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, weight, bias, m_in, m_out = ctx.saved_tensors
+        x2, weight, m_in, m_out, y_pre = ctx.saved_tensors
         need_x, need_w, need_b, need_in, need_out = ctx.needs_input_grad
         gate_dtypes = (None if m_in is None else m_in.dtype, None if m_out is None else m_out.dtype)
         # fp32 gates on a 16-bit layer: the products run in the layer's dtype, as in the forward
@@ -77,29 +85,18 @@ class _MaskedLinearReference(torch.autograd.Function):
         g = grad_y.reshape(-1, weight.shape[0])
         g_gated = g * m_out if m_out is not None else g
         dx = dw = db = dm_in = dm_out = None
-        if need_x:
-            dx = g_gated @ weight
-            if m_in is not None:
-                dx = dx * m_in
-            dx = dx.reshape(*grad_y.shape[:-1], weight.shape[1])
-        if need_w or need_in or need_out:
-            r = g.t() @ x2  # (N, K): the plain dW product, computed once
-            if need_w:
-                dw = r
-                if m_out is not None:
-                    dw = dw * m_out[:, None]
-                if m_in is not None:
-                    dw = dw * m_in[None, :]
+        if need_x or need_in:
+            d_xm = g_gated @ weight  # gradient of the gated input x * m_in
+            if need_x:
+                dx = (d_xm if m_in is None else d_xm * m_in).reshape(*grad_y.shape[:-1], weight.shape[1])
             if need_in:
-                wr = weight * r if m_out is None else m_out[:, None] * weight * r
-                dm_in = wr.sum(0)
-            if need_out:
-                wr = weight * r if m_in is None else m_in[None, :] * weight * r
-                dm_out = wr.sum(1)
-                if bias is not None:
-                    dm_out = dm_out + bias * g.sum(0)
-        if need_b:
+                dm_in = (d_xm * x2).sum(0)
+        if need_w:
+            dw = g_gated.t() @ (x2 if m_in is None else x2 * m_in)
+        if need_b and ctx.has_bias:
             db = g_gated.sum(0)
+        if need_out:
+            dm_out = (g * y_pre).sum(0)
         dm_in = None if dm_in is None else dm_in.to(gate_dtypes[0])
         dm_out = None if dm_out is None else dm_out.to(gate_dtypes[1])
         return dx, dw, db, dm_in, dm_out
