@@ -18,3 +18,13 @@ def _seeded():
 def triton_backend(monkeypatch):
     """Route the lumos_kernels ops to Triton (the kernel tests turn this on module-wide)."""
     monkeypatch.setenv("LUMOS_BACKEND", "triton")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: the training tests' models are tiny, and two OpenMP threads on a busy
+    2-core machine spend most of their time waiting on each other (measured: 12x the wall time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
