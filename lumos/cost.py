@@ -125,6 +125,7 @@ class CostModel:
                                             for g in self.gates]) if self.gates else torch.zeros(0, dtype=torch.float64)
         self._shift = per_unit(lambda g: g.beta * math.log(-g.gamma / g.zeta))
         self._t_low, self._t_up = per_unit(lambda g: g.t_l), per_unit(lambda g: g.t_u)
+        self._kept_above = per_unit(kept_threshold)
         self._moved: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
         with torch.no_grad():
@@ -178,6 +179,15 @@ class CostModel:
         return torch.sigmoid(log_alpha - self._on("_shift", log_alpha))
 
     @torch.no_grad()
+    def soft_kept(self, kind: str, temperature: float = 0.5) -> torch.Tensor:
+        """0-dim cost (no gradient) with each unit counted ``sigmoid((log_alpha - threshold) /
+        temperature)``, ``threshold`` the logit above which its eval mask keeps it: the cost of
+        the eval masks, smoothed, so that it moves as soon as the gates move."""
+        log_alpha = self._flat_log_alpha().detach().double()
+        soft = torch.sigmoid((log_alpha - self._on("_kept_above", log_alpha)) / temperature)
+        return self._expected(soft, kind)
+
+    @torch.no_grad()
     def kept_units(self) -> torch.Tensor:
         """``(n_units,)`` bool: which gate units the eval masks keep, in gate order."""
         sampler = self.gates[0].sampler
@@ -229,6 +239,16 @@ class CostModel:
     def actual(self, kind: str) -> float:
         """Cost with the eval masks (what compaction keeps, before downstream-liveness pruning)."""
         return float(self.actual_tensor(kind, self.kept_units()))
+
+
+def kept_threshold(gate: HardConcreteGate) -> float:
+    """The ``log_alpha`` above which ``gate``'s eval mask is non-zero: above the upper threshold
+    it is 1; inside the band it is ``z_hat``, non-zero above ``logit(-gamma / (zeta - gamma))``;
+    at or below the lower threshold it is 0."""
+    shift = gate.beta * math.log(-gate.gamma / gate.zeta)
+    logit = lambda t: math.log(t / (1 - t)) if 0 < t < 1 else (-math.inf if t <= 0 else math.inf)  # noqa: E731
+    above_low = max(logit(gate.t_l) + shift, logit(-gate.gamma / (gate.zeta - gate.gamma)))
+    return min(logit(gate.t_u) + shift, above_low)
 
 
 def _cat_long(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -52,16 +52,21 @@ class BudgetController:
     1. warm-up (the first ``warmup`` of the steps): ``lam = 0``; the gates, which start open,
        stay at exactly 1 and the network trains densely;
     2. annealing (until ``anneal``): the budget goes from 1 to ``target`` (cosine) and ``lam``
-       is a PI controller on the relative error ``e = clamp((E - budget) / budget, -1, 1)``:
+       is a PI controller on the relative error ``e = clamp((K - budget) / budget, -1, 1)``,
+       where ``K`` is the fraction the eval masks keep, smoothed
+       (:meth:`lumos.cost.CostModel.soft_kept`: it moves as soon as the gates move, where the
+       eval masks only change when a gate crosses its threshold):
 
        .. math::
            I \leftarrow \mathrm{clamp}(I + \eta\, e,\ 0,\ \lambda_{max}), \qquad
            \lambda = \mathrm{clamp}(I + k_p\, e,\ 0,\ \lambda_{max})
 
-    3. fine-tuning (from ``lock``): the architecture is fixed: the units with the largest
-       ``log_alpha`` whose model costs at most ``target`` (a bisection on a threshold of
-       ``log_alpha``, with the exact cost of the eval masks) are set open (mask exactly 1), the
-       others closed, ``lam`` is 0, and the remaining steps train the weights of that model.
+    3. lock: the first time the fraction the eval masks keep is at most ``target`` (watched
+       from when the budget is within twice the target), the architecture is fixed: that model
+       (of the last two measured, the one closer to ``target``) has its kept gates set open
+       (mask exactly 1) and the others closed, ``lam`` drops to 0 and the remaining steps train
+       its weights. If that has not happened by ``lock``, :func:`lock_to_budget` fixes the
+       largest model within ``target`` by ranking ``log_alpha``.
 
     With ``lock=None`` the controller keeps tracking ``target`` to the end. Everything stays on
     the device: no step reads a value back to the host.
@@ -72,9 +77,10 @@ class BudgetController:
             fraction the gates can reach (layers kept whole) is an error naming those layers.
         total_steps: the optimiser steps the run will take (e.g. ``epochs * len(loader)``).
         cost: ``"params"`` (default), ``"flops"`` or ``"count"``.
-        warmup, anneal: where the warm-up and the annealing end, as fractions of ``total_steps``.
-        lock: when to fix the architecture, as a fraction of ``total_steps`` (default 0.6, the
-            end of the annealing); None: never.
+        warmup, anneal: where the warm-up and the annealing end, as fractions of ``total_steps``
+            (0.2, 0.5).
+        lock: the latest point to fix the architecture, as a fraction of ``total_steps`` (0.75);
+            None: never fix it, track ``target`` to the end.
         dual_lr, kp: integral and proportional gains ``eta`` and ``k_p``.
         lam_max: the bound on ``lam``; a run that reaches it cannot meet its target
             (:attr:`saturated`).
@@ -89,7 +95,7 @@ class BudgetController:
     """
 
     def __init__(self, model: nn.Module, target: float, total_steps: int | None = None, cost: str = "params", *,
-                 warmup: float = 0.2, anneal: float = 0.6, lock: float | None = 0.6, dual_lr: float = 1.0,
+                 warmup: float = 0.2, anneal: float = 0.5, lock: float | None = 0.75, dual_lr: float = 1.0,
                  kp: float = 10.0, lam_max: float = LAM_MAX, relative: bool = True,
                  who: str = "lumos.BudgetController"):
         check_gated(model, who)
@@ -101,9 +107,9 @@ class BudgetController:
         for name, value in (("warmup", warmup), ("anneal", anneal), ("lock", 0.0 if lock is None else lock)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{who}: `{name}` must be a fraction of the run in [0, 1], got {value!r}")
-        if anneal < warmup:
-            raise ValueError(f"{who}: the budget must finish annealing (`anneal`={anneal}) after the dense "
-                             f"warm-up (`warmup`={warmup})")
+        if anneal < warmup or (lock is not None and lock < anneal):
+            raise ValueError(f"{who}: need warmup <= anneal <= lock, got warmup={warmup}, anneal={anneal}, "
+                             f"lock={lock}")
         for name, value in (("dual_lr", dual_lr), ("kp", kp), ("lam_max", lam_max)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0 or (value == 0 and name == "lam_max"):
@@ -118,8 +124,12 @@ class BudgetController:
         self.locked = False
         device = gates_of(model)[0][1].log_alpha.device
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        self._lam, self._integral, self._expected = zero.clone(), zero.clone(), zero + 1.0
+        self._lam, self._integral, self._expected, self._kept = zero.clone(), zero.clone(), zero + 1.0, zero + 1.0
+        self._soft_kept = zero + 1.0
         self._saturated = torch.zeros((), dtype=torch.bool, device=device)
+        self._locked = torch.zeros((), dtype=torch.bool, device=device)
+        self._units: torch.Tensor | None = None  # eval-mask units at the last penalty() after the annealing
+        self._last = (self._kept, None)  # the measurement before that
 
     def budget(self, step: int | None = None) -> float:
         """The fraction to keep at ``step`` (default: now): 1 during the warm-up, then cosine
@@ -135,14 +145,26 @@ class BudgetController:
         costs = cost_model(self.model)
         expected = costs.expected(self.cost) / costs.dense[self.cost]
         self._expected = expected.detach().double()
+        self._soft_kept = costs.soft_kept(self.cost) / costs.dense[self.cost]
+        if self._measures_kept():
+            with torch.no_grad():
+                units = costs.kept_units()
+                self._last = (self._kept, self._units)
+                self._kept, self._units = costs.actual_tensor(self.cost, units) / costs.dense[self.cost], units
         weight = self._lam
         if self.relative and task_loss is not None:
             weight = weight * task_loss.detach().to(weight.dtype)
         return (weight * expected).to(expected.dtype)
 
+    def _measures_kept(self) -> bool:
+        """Once the budget is within twice the target and until the lock, the eval masks' fraction
+        is measured, so that the lock catches the step where it crosses the target."""
+        return (self.lock_step is not None and not self.locked and self.steps >= self.warmup * self.total_steps
+                and self.budget() <= 2 * self.target)
+
     @torch.no_grad()
     def step(self) -> None:
-        """One controller step (the lock at its step), then :func:`lumos.step_gates_` (clamp,
+        """One controller step (and the lock, when due), then :func:`lumos.step_gates_` (clamp,
         next noise)."""
         self.steps += 1
         if self.locked:
@@ -151,20 +173,42 @@ class BudgetController:
             self._lam = torch.zeros_like(self._lam)
         else:
             budget = self.budget()
-            error = ((self._expected - budget) / budget).clamp(-1.0, 1.0)
+            error = ((self._soft_kept - budget) / budget).clamp(-1.0, 1.0)
             self._integral = (self._integral + self.dual_lr * error).clamp(0.0, self.lam_max)
             lam = self._integral + self.kp * error
             self._saturated |= lam >= self.lam_max
             self._lam = lam.clamp(0.0, self.lam_max)
+            if self._units is not None:
+                self._lock_when_within_target()
         if self.lock_step is not None and not self.locked and self.steps >= self.lock_step:
-            lock_to_budget(self.model, self.target, self.cost)
+            if not bool(self._locked):  # the deadline, one read-back: fix the largest model within target
+                lock_to_budget(self.model, self.target, self.cost)
             self.locked = True
+        if self.locked:
             self._lam = torch.zeros_like(self._lam)
         step_gates_(self.model)
 
+    def _lock_when_within_target(self) -> None:
+        """On the device, no read-back: the first time the eval masks keep at most ``target``, pin
+        that model (of the last two measured, the one closer to ``target``); ``lam`` is 0 from then."""
+        lock_now = ~self._locked & (self._kept <= self.target)
+        units = self._units
+        last_kept, last_units = self._last
+        if last_units is not None:
+            closer = (last_kept - self.target).abs() < (self._kept - self.target).abs()
+            units = torch.where(closer, last_units, units)
+        logits = [g.log_alpha for g in cost_model(self.model).gates]
+        ends = torch.where(units, LOG_ALPHA_MAX, LOG_ALPHA_MIN).to(logits[0].dtype)
+        weight = lock_now.to(logits[0].dtype)
+        torch._foreach_mul_(logits, 1 - weight)
+        torch._foreach_add_(logits, torch._foreach_mul(list(ends.split([l.numel() for l in logits])), weight))
+        self._locked |= lock_now
+        self._lam = torch.where(self._locked, torch.zeros_like(self._lam), self._lam)
+
     @property
     def lam(self) -> float:
-        """The current weight (reads it back from the device)."""
+        """The current weight (reads it back from the device, and with it whether the lock happened)."""
+        self.locked = self.locked or bool(self._locked)
         return float(self._lam)
 
     @property
@@ -185,13 +229,16 @@ class BudgetController:
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume this controller exactly."""
         return {"lam": self._lam.clone(), "integral": self._integral.clone(), "expected": self._expected.clone(),
-                "saturated": self._saturated.clone(), "locked": self.locked,
+                "kept": self._kept.clone(), "saturated": self._saturated.clone(), "locked_on_device": self._locked.clone(),
+                "units": self._units, "last": self._last, "locked": self.locked,
                 "steps": self.steps, "target": self.target, "cost": self.cost, "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict) -> None:
         device = self._lam.device
-        for name in ("lam", "integral", "expected", "saturated"):
+        for name in ("lam", "integral", "expected", "kept", "saturated"):
             setattr(self, "_" + name, state[name].to(device))
+        self._locked = state["locked_on_device"].to(device)
+        self._units, self._last = state["units"], state["last"]
         self.steps, self.locked = int(state["steps"]), bool(state["locked"])
 
 
