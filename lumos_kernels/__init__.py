@@ -1,16 +1,19 @@
 """Fused gate ops for lumos: Triton kernels on CUDA, torch references on CPU.
 
-Each op lives in its own module with its kernel(s), torch reference and autograd;
-:mod:`lumos_kernels.dispatch` picks the backend.
+Each op lives in its own module (reference, custom op, autograd); its Triton kernels live in
+the private ``lumos_kernels._triton`` module of the same name, imported on the first Triton
+launch. :mod:`lumos_kernels.dispatch` says how every op picks its backend.
 """
-from .hard_concrete import hard_concrete, hard_concrete_reference, p_open, philox_uniform
-from .masked_gemm import masked_linear, masked_linear_reference
+from .hard_concrete import hard_concrete, hard_concrete_reference, log_alpha_bounds, p_open, philox_uniform
+from .masked_gemm import fp32_input_precision, masked_linear, masked_linear_reference
 from .message_passing import CSR, masked_message_passing, masked_message_passing_reference, to_csr
 
 __all__ = [
     "CSR",
+    "fp32_input_precision",
     "hard_concrete",
     "hard_concrete_reference",
+    "log_alpha_bounds",
     "masked_linear",
     "masked_linear_reference",
     "masked_message_passing",

@@ -1,11 +1,26 @@
-"""Backend choice for lumos_kernels ops: Triton for CUDA tensors, the torch reference for CPU.
+"""Backend choice and the one calling convention of the lumos_kernels ops.
 
-``LUMOS_BACKEND=triton|torch`` overrides the choice for every op. With ``TRITON_INTERPRET=1``
-the Triton backend also runs on CPU tensors (slowly): that is how CI tests the kernels.
+Every op (``hard_concrete``, ``masked_linear``, ``masked_message_passing``) is built the same way:
+
+1. the public function checks its arguments (errors name the function and the argument);
+2. ``backend = backend_for(op, tensor)``: ``"triton"`` for CUDA tensors, ``"torch"`` for CPU
+   tensors; ``LUMOS_BACKEND=triton|torch`` overrides it (with ``TRITON_INTERPRET=1``,
+   ``triton`` runs on CPU tensors: that is how CI tests the kernels);
+3. it calls one ``torch.library`` custom op, ``torch.ops.lumos.<op>(..., backend)``, for both
+   backends, so ``torch.compile(fullgraph=True)`` sees one opaque op on CPU and on CUDA;
+4. the op's registered autograd is its one backward; its body runs the torch formula or the
+   Triton kernels (:func:`triton_kernels`, imported on first use) for that backend;
+5. ``<op>_reference`` is plain torch whose gradients come from autograd: the test oracle.
+
+Outputs are fresh tensors (never views, never saved for the backward), so a user may modify
+them in place (``nn.ReLU(inplace=True)`` after a gated layer) and still train.
 """
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
+from typing import Iterable, List, Optional
 
 import torch
 
@@ -44,6 +59,26 @@ def backend_for(op: str, tensor: torch.Tensor) -> str:
     return name
 
 
+def capturing_cuda_graph() -> bool:
+    """True while a CUDA graph is being captured on the current stream (nothing may sync then)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def triton_kernels(op_module: str) -> ModuleType:
+    """The private module of Triton kernels and launchers of one op (imports triton on first use)."""
+    return importlib.import_module(f"lumos_kernels._triton.{op_module}")
+
+
+def none_as_empty(tensors: Iterable[Optional[torch.Tensor]], like: torch.Tensor) -> List[torch.Tensor]:
+    """A custom op cannot return None: an empty tensor stands for "not needed"."""
+    return [t if t is not None else like.new_empty(0) for t in tensors]
+
+
+def wanted(grads: Iterable[torch.Tensor], needs: Iterable[bool]) -> tuple:
+    """The gradients a backward returns: None where the input needs none (undoes :func:`none_as_empty`)."""
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
 def check_float(op: str, name: str, tensor: torch.Tensor | None) -> None:
     """Raise TypeError naming ``name`` unless ``tensor`` is None or floating point."""
     if tensor is not None and not tensor.is_floating_point():
@@ -64,22 +99,3 @@ def check_vector(op: str, name: str, tensor: torch.Tensor | None, length: int, w
         raise ValueError(
             f"{op}: `{name}` must have shape ({length},) ({what}), got {tuple(tensor.shape)}"
         )
-
-
-def compile_for_cuda_target(kernel, signature: dict, constexprs: dict, capability: int = 80,
-                            num_warps: int = 4, num_stages: int = 3):
-    """Compile a ``@triton.jit`` kernel to a cubin for ``sm_<capability>`` without a GPU.
-
-    For tests on machines without one: the interpreter runs kernels as Python and misses what
-    only the compiler checks (types of loop-carried values, constexpr use, layouts). Arguments
-    not named in ``signature`` are taken as ``i32`` scalars; ``constexprs`` gives the
-    compile-time values. Must run in a process without ``TRITON_INTERPRET``.
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    full = {name: signature.get(name, "i32") for name in kernel.arg_names}
-    full.update({name: "constexpr" for name in constexprs})
-    source = triton.compiler.ASTSource(fn=kernel, signature=full, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))

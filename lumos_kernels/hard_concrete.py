@@ -6,33 +6,33 @@ For gates with logits ``log_alpha`` (any shape), with ``pi = p_open(log_alpha)``
     eval:      z = clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)          (z_hat)
     m = 1 if pi > t_u;  m = 0 if pi <= t_l;  m = z otherwise
 
-``u`` comes from Philox (the generator behind ``tl.rand``) keyed by ``(seed, offset + i)`` for
-gate ``i``: the same ``(seed, offset)`` gives the same mask on every backend, and nothing
-random is stored. ``noise_range = r`` draws ``u ~ U(r, 1 - r)`` (the LUMOS reference code's
-annealed variant: r = 0.5 is deterministic, r -> 0 the full hard-concrete).
+``u`` comes from Philox (the generator behind ``tl.rand``) keyed by ``seed`` at counter
+``offset + i`` for the gate at flat (row-major) position ``i``. Nothing random is stored, and
+a gate's mask depends only on its logit and on ``(seed, offset + i)``. ``noise_range = r``
+draws ``u ~ U(r, 1 - r)`` (the LUMOS reference code's annealed variant: r = 0.5 is
+deterministic, r -> 0 the full hard-concrete).
+
+The thresholds are applied to ``log_alpha``, not to a rounded ``pi``: ``pi > t_u`` exactly when
+``log_alpha >= open_min`` and ``pi <= t_l`` exactly when ``log_alpha <= closed_max``, with the
+bounds of :func:`log_alpha_bounds` computed once in float64 and rounded to the logits' dtype in
+the safe direction. Every backend therefore forces the same gates, bit for bit.
+
+Backward: ``dm/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta)`` for gates in the
+band with ``0 < z < 1`` (``beta`` is 1 in eval), 0 otherwise (KERNELS.md 1); the forward
+writes it (one float per gate) so that the mask is never saved and may be modified in place.
+The penalty term's gradient is ``p_open (1 - p_open)``. Both backends share that backward.
 
 Triton backend (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): one launch
-samples every gate of a flat ``log_alpha`` buffer (layers keep views into it) and, in the
-same pass, writes per-program partial sums of ``p_open`` that torch reduces (deterministic,
-no atomics): ``hard_concrete(..., return_p_open_sum=True)`` returns ``(m, sum p_open)`` for the
-L0 penalty. ``u = tl.rand(seed, offset + i)`` is never written to memory; the backward needs
-no ``u`` at all: it uses the saved mask (one value per gate) since
-``dz/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta)`` for ``0 < z < 1``, and
-recomputes ``p_open`` from ``log_alpha`` for the band test and ``d p_open = p (1 - p)``.
-The kernel computes in fp32 (fp64 for fp64 logits) and stores the mask in the logits' dtype;
-its uniforms are bit-identical to :func:`philox_uniform`, its mask equals the reference to
-float rounding (``log``/``sigmoid`` implementations differ by an ulp), with the same exact
-zeros and ones.
-
-Both backends are one custom op, ``torch.ops.lumos.hard_concrete`` (with a ``backend``
-argument), so ``torch.compile`` sees one opaque op on CPU too: traced, the reference's
-Philox integer arithmetic takes inductor minutes to compile.
+samples every gate of a flat buffer (layers keep views into it) and fuses ``sum p_open``,
+accumulated in fp32 (fp64 for fp64 logits) from per-program partial sums (no atomics). The
+kernel computes in fp32 (fp64 for fp64 logits) and stores the mask in the logits' dtype; its
+uniforms are bit-identical to :func:`philox_uniform`, its mask equals the reference's to float
+rounding (``log``/``sigmoid`` implementations differ by an ulp), with the same forced gates.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -102,113 +102,76 @@ def check_gate_params(t_l: float, t_u: float, beta: float, gamma: float, zeta: f
         raise ValueError(f"hard_concrete: `noise_range` must be in [0, 0.5], got {noise_range}")
 
 
-class _HardConcreteReference(torch.autograd.Function):
-    """Torch reference; saves the mask only (the gradient needs nothing else, KERNELS.md 1)."""
+def _compute_dtype(log_alpha: torch.Tensor) -> torch.dtype:
+    """Gates are computed, and ``sum p_open`` accumulated, in fp32 (fp64 for fp64 logits)."""
+    return torch.float64 if log_alpha.dtype == torch.float64 else torch.float32
 
-    @staticmethod
-    def forward(ctx, log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range):
-        # 16-bit logits are computed in fp32 like the kernel: 1 - U_EPS rounds to 1 in fp16/bf16
-        work = log_alpha.float() if log_alpha.element_size() < 4 else log_alpha
-        if training:
-            u = philox_uniform(seed, offset, work.numel(), work.device)
-            u = (noise_range + (1.0 - 2.0 * noise_range) * u).to(work.dtype).view_as(work)
-            u = u.clamp(U_EPS, 1.0 - U_EPS)
-            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + work) / beta)
-        else:
-            s = torch.sigmoid(work)
-        z = (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
-        pi = p_open(work, beta, gamma, zeta)
-        m = torch.where(pi > t_u, torch.ones_like(z), torch.where(pi <= t_l, torch.zeros_like(z), z))
-        m = m.to(log_alpha.dtype)
-        in_band = (pi > t_l) & (pi <= t_u)
-        ctx.save_for_backward(m, in_band)
-        # d sigmoid(t / b) / dt = s (1 - s) / b; eval uses sigmoid(log_alpha), i.e. b = 1.
-        ctx.scale = 1.0 / ((zeta - gamma) * (beta if training else 1.0))
-        ctx.gamma, ctx.zeta = gamma, zeta
-        return m
 
-    @staticmethod
-    def backward(ctx, grad_m):
-        m, in_band = ctx.saved_tensors
-        live = in_band & (m > 0) & (m < 1)
-        dm = (m - ctx.gamma) * (ctx.zeta - m) * ctx.scale
-        grad = torch.where(live, grad_m * dm, torch.zeros_like(grad_m))
-        return grad, None, None, None, None, None, None, None, None, None
+def _nearest_on_side(value: float, dtype: torch.dtype, above: bool) -> float:
+    """The ``dtype`` number nearest ``value`` that is strictly above it (``above``), or at or below it."""
+    rounded = torch.tensor(value, dtype=torch.float64).to(dtype)
+    wrong_side = rounded.item() <= value if above else rounded.item() > value
+    if wrong_side:
+        rounded = torch.nextafter(rounded, torch.tensor(math.inf if above else -math.inf, dtype=dtype))
+    return rounded.item()
+
+
+def log_alpha_bounds(t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA, gamma: float = GAMMA,
+                     zeta: float = ZETA, dtype: torch.dtype = torch.float32) -> Tuple[float, float]:
+    """``(closed_max, open_min)``: the thresholds on ``p_open`` as exact bounds on ``log_alpha``.
+
+    For a logit ``x`` of ``dtype`` (fp32 also stands for fp16 and bf16, which convert to it
+    exactly), ``p_open(x) <= t_l`` exactly when ``x <= closed_max`` and ``p_open(x) > t_u``
+    exactly when ``x >= open_min`` (``p_open`` evaluated without rounding; the boundaries
+    ``logit(t) + beta * log(-gamma / zeta)`` are computed in float64). ``t_u = 1`` forces no
+    gate open: ``open_min`` is NaN, which no comparison satisfies.
+    """
+    shift = beta * math.log(-gamma / zeta)  # p_open = sigmoid(log_alpha - shift)
+
+    def logit(t):
+        return -math.inf if t <= 0 else math.inf if t >= 1 else math.log(t) - math.log1p(-t)
+
+    closed_max = _nearest_on_side(shift + logit(t_l), dtype, above=False)
+    open_min = math.nan if t_u >= 1 else _nearest_on_side(shift + logit(t_u), dtype, above=True)
+    return closed_max, open_min
+
+
+def _gate_values(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range):
+    """``(m, z, forced)`` in the compute dtype, differentiable in ``log_alpha`` (torch ops only)."""
+    work = log_alpha.to(_compute_dtype(log_alpha))
+    if training:
+        u = philox_uniform(seed, offset, work.numel(), work.device).to(work.dtype).view(work.shape)
+        u = (noise_range + (1.0 - 2.0 * noise_range) * u).clamp(U_EPS, 1.0 - U_EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + work) / beta)
+    else:
+        s = torch.sigmoid(work)
+    z = (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+    closed_max, open_min = log_alpha_bounds(t_l, t_u, beta, gamma, zeta, work.dtype)
+    forced_open, forced_closed = work >= open_min, work <= closed_max
+    m = torch.where(forced_open, 1.0, torch.where(forced_closed, 0.0, z))
+    return m, z, forced_open | forced_closed
 
 
 def hard_concrete_reference(log_alpha, seed, offset, training, t_l=T_LOW, t_u=T_UP,
                             beta=BETA, gamma=GAMMA, zeta=ZETA, noise_range=0.0):
-    """Torch reference of :func:`hard_concrete` (same signature, any device)."""
-    return _HardConcreteReference.apply(log_alpha, int(seed), int(offset), bool(training),
-                                        float(t_l), float(t_u), float(beta), float(gamma),
-                                        float(zeta), float(noise_range))
+    """Plain-torch :func:`hard_concrete` (same arguments, any device; gradients from autograd).
+
+    The test oracle: its gradient is autograd's derivative of the sampling formula, independent
+    of the closed-form derivative the op's backward uses.
+    """
+    m, _, _ = _gate_values(log_alpha, int(seed), int(offset), bool(training), float(t_l), float(t_u),
+                           float(beta), float(gamma), float(zeta), float(noise_range))
+    return m.to(log_alpha.dtype)
 
 
-# ----------------------------------------------------------------------------------------
-# Triton kernels (built on first use: importing lumos_kernels must not import triton)
-# ----------------------------------------------------------------------------------------
-
-_BLOCK = 1024            # gates per program on a GPU
-_INTERPRET_BLOCK = 4096  # under the interpreter each program costs milliseconds
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    import triton
-    import triton.language as tl
-
-    @triton.jit(do_not_specialize=["seed", "offset"])
-    def _hard_concrete_fwd_kernel(log_alpha_ptr, m_ptr, p_open_part_ptr, n, seed, offset,
-                                  noise_lo, noise_scale, t_l, t_u, inv_beta, gamma, stretch,
-                                  log_ratio, u_eps,
-                                  TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        idx = pid * BLOCK + tl.arange(0, BLOCK)
-        ok = idx < n
-        log_alpha = tl.load(log_alpha_ptr + idx, mask=ok, other=0.0).to(ACC)
-        if TRAINING:
-            # int32 counters wrap like philox_uniform's (offset + i) mod 2**32
-            u = tl.rand(seed, offset + idx).to(ACC)
-            u = noise_lo + noise_scale * u
-            u = tl.minimum(tl.maximum(u, u_eps), 1.0 - u_eps)
-            s = tl.sigmoid((tl.log(u) - tl.log(1.0 - u) + log_alpha) * inv_beta)
-        else:
-            s = tl.sigmoid(log_alpha)
-        z = tl.minimum(tl.maximum(s * stretch + gamma, 0.0), 1.0)
-        p_open = tl.sigmoid(log_alpha - log_ratio)
-        m = tl.where(p_open > t_u, 1.0, tl.where(p_open <= t_l, 0.0, z))
-        tl.store(m_ptr + idx, m.to(m_ptr.dtype.element_ty), mask=ok)
-        tl.store(p_open_part_ptr + pid, tl.sum(tl.where(ok, p_open, 0.0), axis=0))
-
-    @triton.jit
-    def _hard_concrete_bwd_kernel(log_alpha_ptr, m_ptr, grad_m_ptr, grad_sum_ptr, grad_ptr, n,
-                                  t_l, t_u, gamma, zeta, scale, log_ratio,
-                                  HAS_GRAD_M: tl.constexpr, HAS_GRAD_SUM: tl.constexpr,
-                                  ACC: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        idx = pid * BLOCK + tl.arange(0, BLOCK)
-        ok = idx < n
-        log_alpha = tl.load(log_alpha_ptr + idx, mask=ok, other=0.0).to(ACC)
-        p_open = tl.sigmoid(log_alpha - log_ratio)
-        grad = tl.zeros((BLOCK,), dtype=ACC)
-        if HAS_GRAD_M:
-            m = tl.load(m_ptr + idx, mask=ok, other=0.0).to(ACC)
-            grad_m = tl.load(grad_m_ptr + idx, mask=ok, other=0.0).to(ACC)
-            # gates forced to 0 or 1 by the thresholds, or clamped, get no task gradient
-            live = (p_open > t_l) & (p_open <= t_u) & (m > 0.0) & (m < 1.0)
-            grad = tl.where(live, grad_m * (m - gamma) * (zeta - m) * scale, 0.0)
-        if HAS_GRAD_SUM:
-            grad += tl.load(grad_sum_ptr).to(ACC) * p_open * (1.0 - p_open)
-        tl.store(grad_ptr + idx, grad.to(grad_ptr.dtype.element_ty), mask=ok)
-
-    return _hard_concrete_fwd_kernel, _hard_concrete_bwd_kernel
-
-
-def _block_and_acc(log_alpha: torch.Tensor):
-    import triton.language as tl
-
-    block = _INTERPRET_BLOCK if dispatch.triton_interpreted() else _BLOCK
-    return block, (tl.float64 if log_alpha.dtype == torch.float64 else tl.float32)
+def _forward_torch(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range):
+    """The torch backend: ``(m, dm/dlog_alpha, sum p_open)`` with the closed-form derivative."""
+    with torch.no_grad():
+        m, z, forced = _gate_values(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range)
+        live = ~forced & (z > 0) & (z < 1)
+        dm = torch.where(live, (z - gamma) * (zeta - z) / ((zeta - gamma) * (beta if training else 1.0)), 0.0)
+        p_open_sum = p_open(log_alpha.to(dm.dtype), beta, gamma, zeta).sum()
+    return m.to(log_alpha.dtype).contiguous(), dm.contiguous(), p_open_sum
 
 
 def _as_int32(value: int) -> int:
@@ -223,106 +186,47 @@ def _as_int64(value: int) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
-def _hard_concrete_forward_triton(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta,
-                                  noise_range):
-    flat = log_alpha.contiguous().view(-1)
-    n = flat.numel()
-    m = torch.empty_like(flat)
-    acc_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
-    if n == 0:
-        return m.view(log_alpha.shape), torch.zeros((), dtype=log_alpha.dtype, device=log_alpha.device)
-    block, acc = _block_and_acc(flat)
-    grid = (-(-n // block),)
-    partial = torch.empty(grid[0], dtype=acc_dtype, device=flat.device)
-    fwd, _ = _kernels()
-    fwd[grid](flat, m, partial, n, seed, _as_int32(offset),
-              noise_range, 1.0 - 2.0 * noise_range, t_l, t_u, 1.0 / beta, gamma, zeta - gamma,
-              beta * math.log(-gamma / zeta), U_EPS,
-              TRAINING=bool(training), ACC=acc, BLOCK=block)
-    return m.view(log_alpha.shape), partial.sum().to(log_alpha.dtype)
-
-
-def _hard_concrete_backward_triton(grad_m, grad_sum, log_alpha, m, training, t_l, t_u, beta, gamma, zeta):
-    flat = log_alpha.contiguous().view(-1)
-    n = flat.numel()
-    grad = torch.empty_like(flat)
-    if n == 0:
-        return grad.view(log_alpha.shape)
-    block, acc = _block_and_acc(flat)
-    _, bwd = _kernels()
-    scale = 1.0 / ((zeta - gamma) * (beta if training else 1.0))
-    bwd[(-(-n // block),)](flat, m.contiguous().view(-1),
-                           grad_m.contiguous().view(-1) if grad_m is not None else flat,
-                           grad_sum if grad_sum is not None else flat, grad, n,
-                           t_l, t_u, gamma, zeta, scale, beta * math.log(-gamma / zeta),
-                           HAS_GRAD_M=grad_m is not None, HAS_GRAD_SUM=grad_sum is not None,
-                           ACC=acc, BLOCK=block)
-    return grad.view(log_alpha.shape)
-
-
 # ----------------------------------------------------------------------------------------
-# torch.library registration: the Triton path as custom ops torch.compile can see
+# The custom op (both backends) and its one backward
 # ----------------------------------------------------------------------------------------
-
-# Both backends run through these ops: ``backend="torch"`` is the reference's math. Beyond
-# one op surface, this keeps the Philox integer arithmetic of the reference out of
-# ``torch.compile``'s reach: inductor takes minutes to compile it (measured: >200 s on a CPU).
 
 @torch.library.custom_op("lumos::hard_concrete", mutates_args=())
 def _hard_concrete_op(log_alpha: torch.Tensor, seed: torch.Tensor, offset: int, training: bool, t_l: float,
                       t_u: float, beta: float, gamma: float, zeta: float, noise_range: float,
-                      backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                      backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # the seed travels as a tensor so that a compiled model can draw it in-graph each step
     seed = _as_int64(int(seed))
     if backend == "triton":
-        return _hard_concrete_forward_triton(log_alpha, seed, offset, training, t_l, t_u, beta, gamma,
-                                             zeta, noise_range)
-    m = hard_concrete_reference(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range)
-    return m.contiguous(), p_open(log_alpha, beta, gamma, zeta).sum()
+        acc = _compute_dtype(log_alpha)
+        closed_max, open_min = log_alpha_bounds(t_l, t_u, beta, gamma, zeta, acc)
+        return dispatch.triton_kernels("hard_concrete").forward(
+            log_alpha, seed, offset, training, closed_max, open_min, beta, gamma, zeta, noise_range, U_EPS, acc)
+    return _forward_torch(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range)
 
 
 @_hard_concrete_op.register_fake
 def _(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range, backend):
-    return torch.empty_like(log_alpha, memory_format=torch.contiguous_format), log_alpha.new_empty(())
-
-
-def _hard_concrete_backward_torch(grad_m, grad_sum, log_alpha, m, training, t_l, t_u, beta, gamma, zeta):
-    """The reference's backward (``_HardConcreteReference.backward``) plus the penalty term."""
-    pi = p_open(log_alpha, beta, gamma, zeta)
-    grad = torch.zeros_like(log_alpha, memory_format=torch.contiguous_format)
-    if grad_m is not None:
-        live = (pi > t_l) & (pi <= t_u) & (m > 0) & (m < 1)
-        scale = 1.0 / ((zeta - gamma) * (beta if training else 1.0))
-        grad = torch.where(live, grad_m * ((m - gamma) * (zeta - m) * scale), grad)
-    if grad_sum is not None:
-        grad = grad + grad_sum * pi * (1 - pi)
-    return grad.contiguous()
-
-
-@torch.library.custom_op("lumos::hard_concrete_backward", mutates_args=())
-def _hard_concrete_backward_op(grad_m: Optional[torch.Tensor], grad_sum: Optional[torch.Tensor],
-                               log_alpha: torch.Tensor, m: torch.Tensor, training: bool, t_l: float,
-                               t_u: float, beta: float, gamma: float, zeta: float,
-                               backend: str) -> torch.Tensor:
-    fn = _hard_concrete_backward_triton if backend == "triton" else _hard_concrete_backward_torch
-    return fn(grad_m, grad_sum, log_alpha, m, training, t_l, t_u, beta, gamma, zeta)
-
-
-@_hard_concrete_backward_op.register_fake
-def _(grad_m, grad_sum, log_alpha, m, training, t_l, t_u, beta, gamma, zeta, backend):
-    return torch.empty_like(log_alpha, memory_format=torch.contiguous_format)
+    acc = _compute_dtype(log_alpha)
+    return (torch.empty_like(log_alpha, memory_format=torch.contiguous_format),
+            torch.empty_like(log_alpha, dtype=acc, memory_format=torch.contiguous_format),
+            log_alpha.new_empty((), dtype=acc))
 
 
 def _hard_concrete_setup_context(ctx, inputs, output):
-    log_alpha, _seed, _offset, training, t_l, t_u, beta, gamma, zeta, _noise, backend = inputs
-    ctx.save_for_backward(log_alpha, output[0])
-    ctx.params = (training, t_l, t_u, beta, gamma, zeta, backend)
+    log_alpha, _seed, _offset, _training, _t_l, _t_u, beta, gamma, zeta, _noise, _backend = inputs
+    ctx.save_for_backward(log_alpha, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.distribution = (beta, gamma, zeta)
 
 
-def _hard_concrete_backward(ctx, grad_m, grad_sum):
-    log_alpha, m = ctx.saved_tensors
-    grad = _hard_concrete_backward_op(grad_m, grad_sum, log_alpha, m, *ctx.params)
-    return (grad,) + (None,) * 10
+def _hard_concrete_backward(ctx, grad_m, _grad_dm, grad_sum):
+    """``grad_m * dm/dlog_alpha + grad_sum * p_open (1 - p_open)``, in the compute dtype."""
+    log_alpha, dm = ctx.saved_tensors
+    grad = grad_m.to(dm.dtype) * dm if grad_m is not None else torch.zeros_like(dm)
+    if grad_sum is not None:
+        pi = p_open(log_alpha.to(dm.dtype), *ctx.distribution)
+        grad = grad + grad_sum.to(dm.dtype) * pi * (1 - pi)
+    return (grad.to(log_alpha.dtype),) + (None,) * 10
 
 
 _hard_concrete_op.register_autograd(_hard_concrete_backward, setup_context=_hard_concrete_setup_context)
@@ -334,10 +238,18 @@ def hard_concrete(log_alpha: torch.Tensor, seed: int | torch.Tensor, offset: int
                   return_p_open_sum: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample semi-stochastic hard-concrete gates.
 
+    Noise contract: the gate at flat (row-major) position ``i`` of ``log_alpha`` draws its
+    uniform from Philox with key ``seed`` at counter ``(offset + i) mod 2**32``, so its mask
+    depends only on its own logit and on ``(seed, offset + i)``. The gates of a model can live
+    in one flat buffer sampled in one call, or be sampled layer by layer: the slice
+    ``buffer[a:b]`` sampled alone with ``offset + a`` gives exactly ``mask[a:b]`` of the whole
+    buffer sampled with ``offset``. Same ``(seed, offset)``, same mask, on every backend.
+
     Args:
         log_alpha: gate logits, any shape (typically ``(n,)`` or one flat buffer for a model).
-        seed, offset: Philox key (an int, or a one-element int64 tensor so that a compiled
-            model can draw it in-graph) and counter start; gate ``i`` uses counter ``offset + i``.
+        seed: Philox key: an int, or a one-element integer tensor (so that a compiled model
+            can draw it in-graph).
+        offset: counter of the first gate (see the noise contract).
         training: stochastic sample if True, deterministic ``z_hat`` if False (thresholds apply
             in both).
         t_l, t_u: semi-stochastic thresholds on ``p_open``: at or below ``t_l`` the mask is 0,
@@ -348,11 +260,11 @@ def hard_concrete(log_alpha: torch.Tensor, seed: int | torch.Tensor, offset: int
             unit costs), fused into the sampling pass on the Triton backend.
 
     Returns:
-        ``m``, same shape and dtype as ``log_alpha``, values in [0, 1], differentiable in
-        ``log_alpha`` where ``0 < m < 1`` inside the band; with ``return_p_open_sum``, the
-        pair ``(m, p_open_sum)`` (a 0-dim tensor, differentiable in ``log_alpha``). Both
-        backends go through the custom op ``torch.ops.lumos.hard_concrete``: one Triton launch
-        for CUDA tensors (or ``LUMOS_BACKEND=triton``), the torch reference for CPU tensors.
+        ``m``, a new tensor of the shape and dtype of ``log_alpha`` (safe to modify in place),
+        values in [0, 1], differentiable in ``log_alpha`` where ``0 < m < 1`` inside the band;
+        with ``return_p_open_sum``, the pair ``(m, p_open_sum)``: ``p_open_sum`` is a 0-dim
+        float32 tensor (float64 for float64 logits) whatever the logits' dtype, accumulated in
+        that precision, differentiable in ``log_alpha``.
     """
     op = "hard_concrete"
     if not isinstance(log_alpha, torch.Tensor):
@@ -360,7 +272,7 @@ def hard_concrete(log_alpha: torch.Tensor, seed: int | torch.Tensor, offset: int
     dispatch.check_float(op, "log_alpha", log_alpha)
     check_gate_params(t_l, t_u, beta, gamma, zeta, noise_range)
     if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.is_floating_point():
+        if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex():
             raise TypeError(f"{op}: `seed` must be an int or a one-element integer tensor, got {seed.dtype} "
                             f"of shape {tuple(seed.shape)}")
         seed = seed.reshape(()).to(device="cpu", dtype=torch.int64)
@@ -368,7 +280,7 @@ def hard_concrete(log_alpha: torch.Tensor, seed: int | torch.Tensor, offset: int
         seed = torch.tensor(seed, dtype=torch.int64)
     else:
         seed = torch.tensor(_as_int64(seed), dtype=torch.int64)
-    m, p_open_sum = _hard_concrete_op(log_alpha, seed, _as_int32(offset), bool(training),
-                                      float(t_l), float(t_u), float(beta), float(gamma), float(zeta),
-                                      float(noise_range), dispatch.backend_for(op, log_alpha))
+    m, _, p_open_sum = _hard_concrete_op(log_alpha, seed, _as_int32(offset), bool(training),
+                                         float(t_l), float(t_u), float(beta), float(gamma), float(zeta),
+                                         float(noise_range), dispatch.backend_for(op, log_alpha))
     return (m, p_open_sum) if return_p_open_sum else m

@@ -9,42 +9,40 @@ Gradients (KERNELS.md 1), with ``G = dL/dout`` and ``h`` the bracket above:
     d edge_emb[e] = m * G[v] * [x[j] + edge_emb[e] > 0]
     dx[j]        += m * G[v] * [x[j] + edge_emb[e] > 0]     for every edge leaving j
     dx[v]        += (1 + eps) * m * G[v]
-    dm            = sum_v G[v] * h[v]
+    dm            = sum_v G[v] * h[v] = (1 + eps) sum_v G[v] x[v] + sum_e G[v] relu(x[j] + emb[e])
     d eps         = sum_v sum_cols m * G[v] * x[v]
 
-Triton backend (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``):
+Triton backend (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; kernels and their
+design in ``lumos_kernels/_triton/message_passing.py``): rows are cut into segments of at most
+64 edges spread over programs, and split rows are finished by a deterministic second pass, so
+a hub node costs no more wall time than its share of the edges (no serial walk over a high
+degree); tiles are chosen per ``F``. The forward uses no atomics. The backward computes the
+per-edge gradient edge-parallel (it is ``d emb``), then ``dx`` as the same segment sums over
+the **transposed CSR** (``rowptr_t`` by source, ``perm_t`` mapping each source-sorted edge to
+its destination-sorted position), again without atomics: gradients are bitwise reproducible,
+as DDP ranks need. The transposed CSR costs one ``argsort`` of ``col`` per graph: pass it
+(:meth:`CSR.transposed`) or let the op compute and remember it. fp32, fp16, bf16 (and fp64)
+features with fp32 accumulation (fp64 for fp64); int32 or int64 indices, addresses in int64.
 
-- forward: one program per block of destination rows x block of feature columns, looping
-  over the neighbours of its rows (up to the block's largest in-degree, masked per row), with
-  ``(1 + eps)`` self term and column gate in the epilogue. No atomics: deterministic.
-- backward, pass 1 (destination order, same tiling): recomputes ``x[j] + emb[e]`` per edge,
-  writes ``d emb`` (fp32 scratch), and rebuilds ``h`` in registers for per-program partial
-  sums of ``dm`` and ``d eps`` (``[programs, F]`` buffers reduced by torch), so the forward
-  saves nothing but its inputs.
-- backward, pass 2 (source order): ``dx[j] = (1 + eps) m G[j] + sum over edges leaving j of
-  d emb[e]`` (the per-edge message gradient *is* ``d emb``), a segment sum over the
-  **transposed CSR** (``rowptr_t`` by source, ``perm_t`` mapping each source-sorted edge to
-  its destination-sorted position). Chosen over per-edge atomics because it is deterministic
-  (bitwise-reproducible gradients, as DDP ranks need) and needs no fp32 atomics for bf16
-  inputs; it costs one ``argsort`` of ``col``, done once per graph by :meth:`CSR.transposed`
-  and passed as ``rowptr_t=, perm_t=`` (computed on the fly when omitted). Not measured
-  against atomics on a GPU: no GPU was available when this was written.
-- fp32, fp16, bf16 (and fp64) features; fp32 accumulation (fp64 for fp64); ``x`` and
-  ``edge_emb`` are made contiguous once.
+Every call checks the graph (``rowptr`` starts at 0, ends at ``E``, never decreases; ``col``
+in ``[0, num_nodes)``; a given transposed CSR matches ``col``), once per graph tensor: the
+result is remembered while the tensors are alive and not modified in place. (While a CUDA
+graph is being captured no check can run; the eager warm-up call before capture checks.)
 
-Both backends are one custom op, ``torch.ops.lumos.masked_message_passing`` (with a
-``backend`` argument), so ``torch.compile(fullgraph=True)`` works on CPU too: the reference's
-``repeat_interleave`` has a data-dependent size that a traced graph cannot hold.
-``to_csr``'s graph is sorted once; a layer keeps its ``CSR`` (and ``CSR.transposed()``).
+Both backends go through the custom op ``torch.ops.lumos.masked_message_passing`` (see
+:mod:`lumos_kernels.dispatch`): the reference's ``repeat_interleave`` has a data-dependent size
+that ``torch.compile(fullgraph=True)`` cannot trace, an opaque op has none.
 """
 from __future__ import annotations
 
-import functools
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import dispatch
+from . import _memo, dispatch
+
+_OP = "masked_message_passing"
+_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 class _CSRFields(NamedTuple):
@@ -73,7 +71,8 @@ class CSR(_CSRFields):
     def destinations(self) -> torch.Tensor:
         """``(E,)`` destination node of each sorted edge."""
         counts = self.rowptr[1:] - self.rowptr[:-1]
-        return torch.repeat_interleave(torch.arange(self.num_nodes, device=self.rowptr.device), counts)
+        return torch.repeat_interleave(torch.arange(self.num_nodes, device=self.rowptr.device), counts,
+                                       output_size=self.col.numel())
 
     def transposed(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(rowptr_t, perm_t)``: the CSR keyed by *source* node (see :func:`transpose_csr`), cached."""
@@ -87,14 +86,15 @@ class CSR(_CSRFields):
 def transpose_csr(rowptr: torch.Tensor, col: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The source-keyed view of a destination-sorted CSR, for the message-passing backward.
 
-    Returns ``(rowptr_t, perm_t)``: edges leaving node ``j`` are the destination-sorted edge
-    positions ``perm_t[rowptr_t[j]:rowptr_t[j+1]]`` (a stable sort, so deterministic).
+    Returns ``(rowptr_t, perm_t)``, int64: edges leaving node ``j`` are the destination-sorted
+    edge positions ``perm_t[rowptr_t[j]:rowptr_t[j+1]]`` (a stable sort, so deterministic).
+    Computed without a host sync.
     """
     num_nodes = rowptr.numel() - 1
     col = col.long()
     perm_t = torch.argsort(col, stable=True)
-    rowptr_t = torch.zeros(num_nodes + 1, dtype=torch.long, device=col.device)
-    rowptr_t[1:] = torch.cumsum(torch.bincount(col, minlength=num_nodes), 0)
+    nodes = torch.arange(num_nodes + 1, device=col.device)
+    rowptr_t = torch.searchsorted(col[perm_t], nodes)  # edges whose source is < j
     return rowptr_t, perm_t
 
 
@@ -122,20 +122,137 @@ def to_csr(edge_index: torch.Tensor, num_nodes: int) -> CSR:
     counts = torch.bincount(dst, minlength=num_nodes)
     rowptr = torch.zeros(num_nodes + 1, dtype=torch.long, device=edge_index.device)
     rowptr[1:] = torch.cumsum(counts, 0)
-    return CSR(rowptr, src[perm].contiguous(), perm)
+    csr = CSR(rowptr, src[perm].contiguous(), perm)
+    _memo.remember(csr.rowptr, "checked", True, csr.col)  # valid by construction
+    return csr
 
 
-def _reference_aggregate(x, rowptr, col, edge_emb, eps):
-    """``(h, dst, positive)``: the pre-gate output, each edge's destination, ``[pre > 0]``."""
+# ----------------------------------------------------------------------------------------
+# Argument and graph checks
+# ----------------------------------------------------------------------------------------
+
+def check_message_passing_args(x, rowptr, col, edge_emb, m, eps) -> None:
+    """Raise a clear error for wrong shapes, dtypes or devices (shared by both backends)."""
+    if x.dim() != 2:
+        raise ValueError(f"{_OP}: `x` must be (num_nodes, F), got {tuple(x.shape)}")
+    dispatch.check_float(_OP, "x", x)
+    dispatch.check_float(_OP, "edge_emb", edge_emb)
+    dispatch.check_float(_OP, "m", m)
+    for name, t in (("rowptr", rowptr), ("col", col)):
+        _check_index(name, t)
+    if rowptr.numel() != x.shape[0] + 1:
+        raise ValueError(
+            f"{_OP}: `rowptr` must have num_nodes + 1 = {x.shape[0] + 1} entries, got {rowptr.numel()}"
+        )
+    if edge_emb.shape != (col.numel(), x.shape[1]):
+        raise ValueError(
+            f"{_OP}: `edge_emb` must be (E, F) = ({col.numel()}, {x.shape[1]}) in destination-sorted "
+            f"edge order, got {tuple(edge_emb.shape)}"
+        )
+    if edge_emb.dtype != x.dtype:
+        raise TypeError(f"{_OP}: `edge_emb` must have the dtype of `x` ({x.dtype}), got {edge_emb.dtype}")
+    dispatch.check_vector(_OP, "m", m, x.shape[1], "one gate per feature column")
+    if isinstance(eps, torch.Tensor) and eps.numel() != 1:
+        raise ValueError(f"{_OP}: `eps` must be a scalar, got shape {tuple(eps.shape)}")
+    dispatch.check_same_device(_OP, x=x, rowptr=rowptr, col=col, edge_emb=edge_emb, m=m,
+                               eps=eps if isinstance(eps, torch.Tensor) else None)
+
+
+def _check_index(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in _INDEX_DTYPES:
+        got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{_OP}: `{name}` must be a 1-D int32 or int64 tensor, got {got}")
+
+
+def _rowptr_problems(name: str, rowptr: torch.Tensor, num_edges: int) -> List[str]:
+    """What is wrong with a CSR row pointer (one host sync)."""
+    first, last, decreasing = torch.stack([
+        rowptr[0].long(), rowptr[-1].long(), (rowptr[1:] < rowptr[:-1]).sum()]).tolist()
+    problems = []
+    if first != 0:
+        problems.append(f"`{name}` must start at 0, got {first}")
+    if last != num_edges:
+        problems.append(f"`{name}` must end at E = len(col) = {num_edges}, got {last}")
+    if decreasing:
+        problems.append(f"`{name}` must never decrease, it does at {decreasing} places")
+    return problems
+
+
+def _raise(problems: List[str]) -> None:
+    if problems:
+        raise ValueError(f"{_OP}: {'; '.join(problems)} (build the graph with lumos_kernels.to_csr)")
+
+
+def _check_graph(rowptr: torch.Tensor, col: torch.Tensor) -> None:
+    """Raise ValueError unless ``(rowptr, col)`` is a valid CSR (remembered per graph)."""
     num_nodes = rowptr.numel() - 1
-    dst = torch.repeat_interleave(torch.arange(num_nodes, device=x.device), rowptr[1:] - rowptr[:-1])
+
+    def check():
+        problems = _rowptr_problems("rowptr", rowptr, col.numel())
+        if col.numel():
+            low, high = torch.stack([col.min().long(), col.max().long()]).tolist()
+            if low < 0 or high >= num_nodes:
+                problems.append(f"`col` values must lie in [0, num_nodes={num_nodes}), got [{low}, {high}]")
+        _raise(problems)
+        return True
+
+    if not dispatch.capturing_cuda_graph():
+        _memo.remembered(rowptr, "checked", check, col)
+
+
+def _check_transposed(rowptr_t: torch.Tensor, perm_t: torch.Tensor, col: torch.Tensor, num_nodes: int) -> None:
+    """Raise ValueError unless ``(rowptr_t, perm_t)`` is the source-sorted view of ``col``."""
+    num_edges = col.numel()
+
+    def check():
+        _check_index("rowptr_t", rowptr_t)
+        _check_index("perm_t", perm_t)
+        if rowptr_t.numel() != num_nodes + 1:
+            raise ValueError(f"{_OP}: `rowptr_t` must have num_nodes + 1 = {num_nodes + 1} entries, "
+                             f"got {rowptr_t.numel()}")
+        if perm_t.numel() != num_edges:
+            raise ValueError(f"{_OP}: `perm_t` must have E = {num_edges} entries, got {perm_t.numel()}")
+        problems = _rowptr_problems("rowptr_t", rowptr_t, num_edges)
+        if num_edges and not problems:
+            low, high = torch.stack([perm_t.min().long(), perm_t.max().long()]).tolist()
+            if low < 0 or high >= num_edges:
+                problems.append(f"`perm_t` values must lie in [0, E={num_edges}), got [{low}, {high}]")
+            else:
+                covered = torch.zeros(num_edges, dtype=torch.bool, device=col.device)
+                covered.index_fill_(0, perm_t.long(), True)
+                source = torch.repeat_interleave(torch.arange(rowptr_t.numel() - 1, device=col.device),
+                                                 rowptr_t[1:] - rowptr_t[:-1], output_size=num_edges)
+                if not bool(covered.all() & (col[perm_t].long() == source).all()):
+                    problems.append("`rowptr_t, perm_t` must be the source-sorted view of `col` "
+                                    "(lumos_kernels.message_passing.transpose_csr)")
+        _raise(problems)
+        return True
+
+    if not dispatch.capturing_cuda_graph():
+        _memo.remembered(rowptr_t, "checked_transposed", check, perm_t, col)
+
+
+# ----------------------------------------------------------------------------------------
+# Torch: the reference (oracle) and the torch backend
+# ----------------------------------------------------------------------------------------
+
+def _gine_terms(x, rowptr, col, edge_emb, eps):
+    """``(h, dst, pre)``: the pre-gate output, each edge's destination, ``x[col] + emb`` (differentiable)."""
+    num_nodes = rowptr.numel() - 1
+    dst = torch.repeat_interleave(torch.arange(num_nodes, device=x.device), rowptr[1:] - rowptr[:-1],
+                                  output_size=col.numel())
     pre = x[col] + edge_emb
-    agg = torch.zeros_like(x).index_add_(0, dst, torch.relu(pre))
-    h = (1 + eps) * x + agg
-    return h, dst, pre > 0
+    h = (1 + eps) * x + torch.zeros_like(x).index_add(0, dst, torch.relu(pre))
+    return h, dst, pre
 
 
-def _reference_grads(grad_out, x, col, dst, positive, m, eps, h, need_x, need_emb, need_m, need_eps):
+def masked_message_passing_reference(x, rowptr, col, edge_emb, m=None, eps=0.0):
+    """Plain-torch :func:`masked_message_passing` (same arguments, any device; gradients from autograd)."""
+    h, _, _ = _gine_terms(x, rowptr, col, edge_emb, eps)
+    return h * m.to(h.dtype) if m is not None else h
+
+
+def _backward_torch(grad_out, x, col, dst, positive, m, eps, h, need_x, need_emb, need_m, need_eps):
     """The explicit gradients of the module docstring: ``(dx, d_emb, dm, d_eps)``, None if unneeded."""
     g_gated = grad_out * m.to(grad_out.dtype) if m is not None else grad_out
     g_edge = g_gated[dst] * positive
@@ -145,253 +262,23 @@ def _reference_grads(grad_out, x, col, dst, positive, m, eps, h, need_x, need_em
     if need_emb:
         d_emb = g_edge
     if need_m:
-        dm = (grad_out * h).sum(0)
+        dm = (grad_out * h).sum(0).to(m.dtype)
     if need_eps:
         d_eps = (g_gated * x).sum().reshape(eps.shape)
     return dx, d_emb, dm, d_eps
 
 
-class _MessagePassingReference(torch.autograd.Function):
-    """Torch reference (gather + index_add_) with the explicit backward of the module docstring."""
-
-    @staticmethod
-    def forward(ctx, x, rowptr, col, edge_emb, m, eps):
-        h, dst, positive = _reference_aggregate(x, rowptr, col, edge_emb, eps)
-        ctx.save_for_backward(x, col, dst, positive, m, eps, h)
-        return h * m.to(h.dtype) if m is not None else h
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, col, dst, positive, m, eps, h = ctx.saved_tensors
-        need_x, _, _, need_emb, need_m, need_eps = ctx.needs_input_grad
-        dx, d_emb, dm, d_eps = _reference_grads(grad_out, x, col, dst, positive, m, eps, h,
-                                                need_x, need_emb, need_m, need_eps)
-        return dx, None, None, d_emb, dm, d_eps
-
-
-def masked_message_passing_reference(x, rowptr, col, edge_emb, m=None, eps=0.0):
-    """Torch reference of :func:`masked_message_passing` (same signature, any device)."""
-    if not isinstance(eps, torch.Tensor):
-        eps = torch.tensor(float(eps), dtype=x.dtype, device=x.device)
-    return _MessagePassingReference.apply(x, rowptr, col, edge_emb, m, eps)
-
-
-def check_message_passing_args(x, rowptr, col, edge_emb, m, eps) -> None:
-    """Raise a clear error for wrong shapes, dtypes or devices (shared by both backends)."""
-    op = "masked_message_passing"
-    if x.dim() != 2:
-        raise ValueError(f"{op}: `x` must be (num_nodes, F), got {tuple(x.shape)}")
-    dispatch.check_float(op, "x", x)
-    dispatch.check_float(op, "edge_emb", edge_emb)
-    dispatch.check_float(op, "m", m)
-    for name, t in (("rowptr", rowptr), ("col", col)):
-        if t.dim() != 1 or t.is_floating_point():
-            raise ValueError(f"{op}: `{name}` must be a 1-D integer tensor, got {tuple(t.shape)} {t.dtype}")
-    if rowptr.numel() != x.shape[0] + 1:
-        raise ValueError(
-            f"{op}: `rowptr` must have num_nodes + 1 = {x.shape[0] + 1} entries, got {rowptr.numel()}"
-        )
-    if edge_emb.shape != (col.numel(), x.shape[1]):
-        raise ValueError(
-            f"{op}: `edge_emb` must be (E, F) = ({col.numel()}, {x.shape[1]}) in destination-sorted "
-            f"edge order, got {tuple(edge_emb.shape)}"
-        )
-    if edge_emb.dtype != x.dtype:
-        raise TypeError(f"{op}: `edge_emb` must have the dtype of `x` ({x.dtype}), got {edge_emb.dtype}")
-    dispatch.check_vector(op, "m", m, x.shape[1], "one gate per feature column")
-    if isinstance(eps, torch.Tensor) and eps.numel() != 1:
-        raise ValueError(f"{op}: `eps` must be a scalar, got shape {tuple(eps.shape)}")
-    dispatch.check_same_device(op, x=x, rowptr=rowptr, col=col, edge_emb=edge_emb, m=m,
-                               eps=eps if isinstance(eps, torch.Tensor) else None)
+def _runs_triton(backend: str, x: torch.Tensor) -> bool:
+    return backend == "triton" and x.numel() > 0  # no nodes or no columns: nothing to launch
 
 
 # ----------------------------------------------------------------------------------------
-# Triton kernels (built on first use: importing lumos_kernels must not import triton)
+# The custom ops (both backends) and the one backward
 # ----------------------------------------------------------------------------------------
 
-_BLOCK_V, _BLOCK_F = 16, 64                      # rows x feature columns per program (GPU)
-_INTERPRET_BLOCK_V, _INTERPRET_BLOCK_F = 64, 64  # few programs under the interpreter
-
-
-@functools.lru_cache(maxsize=None)
-def _kernels():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _gine_fwd_kernel(x_ptr, rowptr_ptr, col_ptr, emb_ptr, m_ptr, eps_ptr, out_ptr, num_nodes, F,
-                         HAS_M: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK_V: tl.constexpr, BLOCK_F: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        row_ok = rows < num_nodes
-        col_ok = cols < F
-        start = tl.load(rowptr_ptr + rows, mask=row_ok, other=0)
-        deg = tl.load(rowptr_ptr + rows + 1, mask=row_ok, other=0) - start
-        agg = tl.zeros((BLOCK_V, BLOCK_F), dtype=ACC)
-        # rows of one block loop together up to the block's largest in-degree
-        for i in range(0, tl.max(deg, axis=0)):
-            edge_ok = row_ok & (i < deg)
-            edge = start + i
-            src = tl.load(col_ptr + edge, mask=edge_ok, other=0)
-            ok = edge_ok[:, None] & col_ok[None, :]
-            x_src = tl.load(x_ptr + src[:, None] * F + cols[None, :], mask=ok, other=0.0).to(ACC)
-            emb = tl.load(emb_ptr + edge[:, None] * F + cols[None, :], mask=ok, other=0.0).to(ACC)
-            agg += tl.maximum(x_src + emb, 0.0)
-        ok = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None].to(tl.int64) * F + cols[None, :]
-        x_dst = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC)
-        h = (1.0 + tl.load(eps_ptr).to(ACC)) * x_dst + agg
-        if HAS_M:
-            h *= tl.load(m_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _gine_bwd_dst_kernel(grad_ptr, x_ptr, rowptr_ptr, col_ptr, emb_ptr, m_ptr, eps_ptr,
-                             d_emb_ptr, dm_part_ptr, d_eps_part_ptr, num_nodes, F,
-                             HAS_M: tl.constexpr, NEED_M: tl.constexpr, NEED_EPS: tl.constexpr,
-                             ACC: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_F: tl.constexpr):
-        pid_v = tl.program_id(0)
-        rows = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        row_ok = rows < num_nodes
-        col_ok = cols < F
-        ok = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None].to(tl.int64) * F + cols[None, :]
-        grad = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(ACC)
-        if HAS_M:
-            grad_gated = grad * tl.load(m_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        else:
-            grad_gated = grad
-        start = tl.load(rowptr_ptr + rows, mask=row_ok, other=0)
-        deg = tl.load(rowptr_ptr + rows + 1, mask=row_ok, other=0) - start
-        agg = tl.zeros((BLOCK_V, BLOCK_F), dtype=ACC)
-        for i in range(0, tl.max(deg, axis=0)):
-            edge_ok = row_ok & (i < deg)
-            edge = start + i
-            src = tl.load(col_ptr + edge, mask=edge_ok, other=0)
-            e_ok = edge_ok[:, None] & col_ok[None, :]
-            x_src = tl.load(x_ptr + src[:, None] * F + cols[None, :], mask=e_ok, other=0.0).to(ACC)
-            emb = tl.load(emb_ptr + edge[:, None] * F + cols[None, :], mask=e_ok, other=0.0).to(ACC)
-            pre = x_src + emb
-            # d emb[e] = m G[v] [pre > 0]; it is also edge e's contribution to dx[src]
-            tl.store(d_emb_ptr + edge[:, None] * F + cols[None, :], tl.where(pre > 0.0, grad_gated, 0.0),
-                     mask=e_ok)
-            agg += tl.maximum(pre, 0.0)
-        if NEED_M or NEED_EPS:
-            x_dst = tl.load(x_ptr + offs, mask=ok, other=0.0).to(ACC)
-            part = pid_v.to(tl.int64) * F + cols
-            if NEED_M:
-                h = (1.0 + tl.load(eps_ptr).to(ACC)) * x_dst + agg
-                tl.store(dm_part_ptr + part, tl.sum(grad * h, axis=0), mask=col_ok)
-            if NEED_EPS:
-                tl.store(d_eps_part_ptr + part, tl.sum(grad_gated * x_dst, axis=0), mask=col_ok)
-
-    @triton.jit
-    def _gine_bwd_src_kernel(grad_ptr, m_ptr, eps_ptr, rowptr_t_ptr, perm_t_ptr, d_emb_ptr, dx_ptr,
-                             num_nodes, F, HAS_M: tl.constexpr, ACC: tl.constexpr,
-                             BLOCK_V: tl.constexpr, BLOCK_F: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-        cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-        row_ok = rows < num_nodes
-        col_ok = cols < F
-        start = tl.load(rowptr_t_ptr + rows, mask=row_ok, other=0)
-        deg = tl.load(rowptr_t_ptr + rows + 1, mask=row_ok, other=0) - start
-        acc = tl.zeros((BLOCK_V, BLOCK_F), dtype=ACC)
-        for i in range(0, tl.max(deg, axis=0)):
-            edge_ok = row_ok & (i < deg)
-            edge = tl.load(perm_t_ptr + start + i, mask=edge_ok, other=0)
-            acc += tl.load(d_emb_ptr + edge[:, None] * F + cols[None, :],
-                           mask=edge_ok[:, None] & col_ok[None, :], other=0.0)
-        ok = row_ok[:, None] & col_ok[None, :]
-        offs = rows[:, None].to(tl.int64) * F + cols[None, :]
-        grad = tl.load(grad_ptr + offs, mask=ok, other=0.0).to(ACC)
-        if HAS_M:
-            grad *= tl.load(m_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        dx = (1.0 + tl.load(eps_ptr).to(ACC)) * grad + acc
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
-
-    return _gine_fwd_kernel, _gine_bwd_dst_kernel, _gine_bwd_src_kernel
-
-
-def _launch_params(x: torch.Tensor):
-    import triton.language as tl
-
-    if dispatch.triton_interpreted():
-        block_v, block_f = _INTERPRET_BLOCK_V, _INTERPRET_BLOCK_F
-    else:
-        block_v, block_f = _BLOCK_V, _BLOCK_F
-    acc = tl.float64 if x.dtype == torch.float64 else tl.float32
-    grid = (-(-x.shape[0] // block_v), -(-x.shape[1] // block_f))
-    return grid, dict(ACC=acc, BLOCK_V=block_v, BLOCK_F=block_f)
-
-
-def _nonempty(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A valid pointer for a kernel argument that has no elements (an edgeless graph)."""
-    return t if t.numel() else like.new_zeros(1)
-
-
-def _message_passing_forward_triton(x, rowptr, col, edge_emb, m, eps):
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if x.numel() == 0:
-        return out
-    x = x.contiguous()
-    m = m.contiguous() if m is not None else None  # 1-D loads use no stride
-    grid, meta = _launch_params(x)
-    fwd, _, _ = _kernels()
-    fwd[grid](x, rowptr.contiguous(), _nonempty(col.contiguous(), rowptr),
-              _nonempty(edge_emb.contiguous(), x), m if m is not None else x, eps, out,
-              x.shape[0], x.shape[1], HAS_M=m is not None, **meta)
-    return out
-
-
-def _message_passing_backward_triton(grad, x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t,
-                                     need_x, need_emb, need_m, need_eps):
-    num_nodes, feats = x.shape
-    need_m = need_m and m is not None
-    if x.numel() == 0:
-        return (torch.zeros_like(x) if need_x else None, torch.zeros_like(edge_emb) if need_emb else None,
-                torch.zeros_like(m) if need_m else None, torch.zeros_like(eps) if need_eps else None)
-    x = x.contiguous()
-    grad = grad.contiguous()
-    rowptr = rowptr.contiguous()
-    m = m.contiguous() if m is not None else None  # 1-D loads use no stride
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    grid, meta = _launch_params(x)
-    _, bwd_dst, bwd_src = _kernels()
-    # d emb doubles as the per-edge message gradient that pass 2 gathers into dx
-    d_emb = torch.empty(edge_emb.shape, dtype=acc_dtype, device=x.device)
-    dm_part = torch.empty((grid[0], feats), dtype=acc_dtype, device=x.device) if need_m else d_emb
-    d_eps_part = torch.empty((grid[0], feats), dtype=acc_dtype, device=x.device) if need_eps else d_emb
-    if need_x or need_emb or need_m or need_eps:
-        bwd_dst[grid](grad, x, rowptr, _nonempty(col.contiguous(), rowptr),
-                      _nonempty(edge_emb.contiguous(), x), m if m is not None else x, eps,
-                      _nonempty(d_emb, x), _nonempty(dm_part, x), _nonempty(d_eps_part, x),
-                      num_nodes, feats, HAS_M=m is not None, NEED_M=need_m, NEED_EPS=need_eps, **meta)
-    dx = None
-    if need_x:
-        if rowptr_t is None or perm_t is None:
-            rowptr_t, perm_t = transpose_csr(rowptr, col)
-        dx = torch.empty_like(x)
-        bwd_src[grid](grad, m if m is not None else x, eps, rowptr_t.contiguous(),
-                      _nonempty(perm_t.contiguous(), rowptr), _nonempty(d_emb, x), dx,
-                      num_nodes, feats, HAS_M=m is not None, **meta)
-    return (dx,
-            d_emb.to(edge_emb.dtype) if need_emb else None,
-            dm_part.sum(0).to(m.dtype) if need_m else None,
-            d_eps_part.sum().to(eps.dtype).reshape(eps.shape) if need_eps else None)
-
-
-# ----------------------------------------------------------------------------------------
-# torch.library registration: the Triton path as custom ops torch.compile can see
-# ----------------------------------------------------------------------------------------
-
-# Both backends run through these ops (``backend="torch"`` is the reference's math): the
-# reference's ``repeat_interleave`` has a data-dependent size that breaks
-# ``torch.compile(fullgraph=True)``, an opaque op does not. The torch backend returns what
-# the reference saves for its backward (``h``, ``dst``, ``[pre > 0]``) as extra outputs, so
-# the CPU path costs what the reference costs; the Triton backend recomputes them in its
-# backward kernels and returns empty tensors there.
+# The torch backend returns what its backward needs (``h``, ``dst``, ``[pre > 0]``) as extra
+# outputs, so the CPU path costs what the reference costs; the Triton backend recomputes them
+# in its backward kernels and returns empty tensors there.
 
 def _empty_saved(x, col):
     return x.new_empty(0), col.new_empty(0, dtype=torch.long), x.new_empty(0, dtype=torch.bool)
@@ -402,12 +289,17 @@ def _message_passing_op(x: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor
                         m: Optional[torch.Tensor], eps: torch.Tensor, rowptr_t: Optional[torch.Tensor],
                         perm_t: Optional[torch.Tensor],
                         backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        return (_message_passing_forward_triton(x, rowptr, col, edge_emb, m, eps), *_empty_saved(x, col))
-    h, dst, positive = _reference_aggregate(x, rowptr, col, edge_emb, eps)
+    _check_graph(rowptr, col)
+    if rowptr_t is not None:
+        _check_transposed(rowptr_t, perm_t, col, x.shape[0])
+    if _runs_triton(backend, x):
+        out = dispatch.triton_kernels("message_passing").forward(x, rowptr, col, edge_emb, m, eps)
+        return (out, *_empty_saved(x, col))
+    with torch.no_grad():
+        h, dst, pre = _gine_terms(x, rowptr, col, edge_emb, eps)
     if m is None:  # h is only needed for dm; outputs must not alias each other
-        return h, x.new_empty(0), dst, positive
-    return h * m.to(h.dtype), h, dst, positive
+        return h, x.new_empty(0), dst, pre > 0
+    return h * m.to(h.dtype), h, dst, pre > 0
 
 
 @_message_passing_op.register_fake
@@ -427,14 +319,15 @@ def _message_passing_backward_op(grad: torch.Tensor, x: torch.Tensor, rowptr: to
                                  perm_t: Optional[torch.Tensor], h: torch.Tensor, dst: torch.Tensor,
                                  positive: torch.Tensor, need_x: bool, need_emb: bool, need_m: bool,
                                  need_eps: bool, backend: str) -> List[torch.Tensor]:
-    need_m = need_m and m is not None
-    if backend == "triton":
-        grads = _message_passing_backward_triton(grad, x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t,
-                                                 need_x, need_emb, need_m, need_eps)
+    needs = (need_x, need_emb, need_m and m is not None, need_eps)
+    if _runs_triton(backend, x):
+        if rowptr_t is None:
+            rowptr_t, perm_t = _memo.remembered(rowptr, "transposed", lambda: transpose_csr(rowptr, col), col)
+        grads = dispatch.triton_kernels("message_passing").backward(grad, x, rowptr, col, edge_emb, m, eps,
+                                                                    rowptr_t, perm_t, needs)
     else:
-        grads = _reference_grads(grad, x, col, dst, positive, m, eps, h, need_x, need_emb, need_m, need_eps)
-    # a custom op cannot return None: an empty tensor stands for "not needed"
-    return [gr if gr is not None else x.new_empty(0) for gr in grads]
+        grads = _backward_torch(grad, x, col, dst, positive, m, eps, h, *needs)
+    return dispatch.none_as_empty(grads, x)
 
 
 @_message_passing_backward_op.register_fake
@@ -448,17 +341,18 @@ def _(grad, x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t, h, dst, positive
 
 def _message_passing_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:-1], *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
     ctx.backend = inputs[-1]
 
 
 def _message_passing_backward(ctx, grad, _grad_h, _grad_dst, _grad_positive):
     x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t, h, dst, positive = ctx.saved_tensors
     need_x, _, _, need_emb, need_m, need_eps, _, _, _ = ctx.needs_input_grad
-    dx, d_emb, dm, d_eps = _message_passing_backward_op(grad, x, rowptr, col, edge_emb, m, eps, rowptr_t,
-                                                        perm_t, h, dst, positive, need_x, need_emb, need_m,
-                                                        need_eps, ctx.backend)
-    return (dx if need_x else None, None, None, d_emb if need_emb else None,
-            dm if need_m and m is not None else None, d_eps if need_eps else None, None, None, None)
+    needs = (need_x, need_emb, need_m and m is not None, need_eps)
+    grads = _message_passing_backward_op(grad, x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t, h, dst,
+                                         positive, *needs, ctx.backend)
+    dx, d_emb, dm, d_eps = dispatch.wanted(grads, needs)
+    return dx, None, None, d_emb, dm, d_eps, None, None, None
 
 
 _message_passing_op.register_autograd(_message_passing_backward, setup_context=_message_passing_setup_context)
@@ -472,22 +366,23 @@ def masked_message_passing(x: torch.Tensor, rowptr: torch.Tensor, col: torch.Ten
 
     Args:
         x: ``(num_nodes, F)`` node features.
-        rowptr, col: CSR by destination from :func:`to_csr`.
+        rowptr, col: CSR by destination from :func:`to_csr` (int32 or int64).
         edge_emb: ``(E, F)`` edge embeddings in the same destination-sorted order as ``col``.
         m: ``(F,)`` column gates or None.
         eps: the GIN ``eps`` (float, or a scalar tensor to learn it).
         rowptr_t, perm_t: optional transposed CSR from :meth:`CSR.transposed` /
-            :func:`transpose_csr`, used by the Triton backward; computed when omitted.
+            :func:`transpose_csr`, used by the Triton backward; computed once per graph when
+            omitted.
 
     Returns:
-        ``(num_nodes, F)``. Both backends go through the custom op
-        ``torch.ops.lumos.masked_message_passing``: the Triton kernels for CUDA tensors (or
-        ``LUMOS_BACKEND=triton``), the torch reference's math for CPU tensors.
+        ``(num_nodes, F)``, a new tensor (safe to modify in place). Both backends go through
+        the custom op ``torch.ops.lumos.masked_message_passing``: the Triton kernels for CUDA
+        tensors (or ``LUMOS_BACKEND=triton``), the torch formulas for CPU tensors.
     """
     check_message_passing_args(x, rowptr, col, edge_emb, m, eps)
     if (rowptr_t is None) != (perm_t is None):
-        raise ValueError("masked_message_passing: pass both `rowptr_t` and `perm_t`, or neither")
+        raise ValueError(f"{_OP}: pass both `rowptr_t` and `perm_t`, or neither")
     if not isinstance(eps, torch.Tensor):
         eps = torch.tensor(float(eps), dtype=x.dtype, device=x.device)
-    backend = dispatch.backend_for("masked_message_passing", x)
-    return _message_passing_op(x, rowptr, col, edge_emb, m, eps.reshape(()), rowptr_t, perm_t, backend)[0]
+    return _message_passing_op(x, rowptr, col, edge_emb, m, eps.reshape(()), rowptr_t, perm_t,
+                               dispatch.backend_for(_OP, x))[0]

@@ -31,7 +31,8 @@ def assert_close(actual, expected, tol):
 
 def assert_compiles_for_cuda_target(script):
     """Run ``script`` in a fresh interpreter without TRITON_INTERPRET (real Triton compilation to
-    CUDA cubins, no GPU needed); it must exit cleanly and print ``compiled``."""
+    CUDA cubins, no GPU needed: ``lumos_kernels._triton.cuda_target.compile_for_cuda_target``);
+    it must exit cleanly and print ``compiled``. Its IR checks are asserts inside the script."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT, env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kernel_checks import DEVICES, assert_compiles_for_cuda_target, needs_interpreter
-from lumos_kernels import hard_concrete, hard_concrete_reference, p_open, philox_uniform
-from lumos_kernels.hard_concrete import BETA, GAMMA, ZETA, _hard_concrete_op
+from lumos_kernels import hard_concrete, hard_concrete_reference, log_alpha_bounds, p_open, philox_uniform
+from lumos_kernels.hard_concrete import BETA, GAMMA, T_UP, ZETA, _hard_concrete_op
 
 # Tolerances, once per dtype. The kernel and the reference draw bit-identical uniforms; their
 # masks differ only by the last bits of log/sigmoid, so fp32 values agree to a few ulps.
@@ -32,7 +32,7 @@ def _check_against_reference(log_alpha, training, noise_range=0.0, seed=123, off
     kwargs = dict(seed=seed, offset=offset, training=training, noise_range=noise_range)
     m, total = hard_concrete(log_alpha, **kwargs, return_p_open_sum=True)
     m_ref = hard_concrete_reference(log_alpha, **kwargs)
-    total_ref = p_open(log_alpha).sum()
+    total_ref = p_open(log_alpha).sum()  # the oracle: plain torch, gradients from autograd
     tol = TOL[torch.float32]
     assert m.shape == log_alpha.shape and m.dtype == log_alpha.dtype
     torch.testing.assert_close(m, m_ref, **tol)
@@ -198,25 +198,106 @@ def test_hard_concrete_16bit_matches_fp32_kernel(device, dtype):
     torch.testing.assert_close(m.float(), m32, **TOL[dtype])
 
 
+def _ulp_neighbourhood(value: float, ulps: int = 64) -> torch.Tensor:
+    """The fp32 numbers from ``ulps`` below to ``ulps`` above ``value`` (``2 * ulps + 1`` of them)."""
+    centre = torch.tensor(value, dtype=torch.float32)
+    below, above, step = [centre], [], centre
+    for _ in range(ulps):
+        step = torch.nextafter(step, torch.tensor(-math.inf))
+        below.append(step)
+    step = centre
+    for _ in range(ulps):
+        step = torch.nextafter(step, torch.tensor(math.inf))
+        above.append(step)
+    return torch.stack(below[::-1] + above)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("t_l", [0.05, 0.4])
+def test_hard_concrete_forces_the_same_gates_on_both_backends_near_the_thresholds(device, t_l, monkeypatch):
+    """Logits within +-64 ulp of both boundaries: the same gates forced open / closed on both
+    backends, and exactly those whose p_open (in float64) is above t_u / at or below t_l."""
+    shift = BETA * math.log(-GAMMA / ZETA)
+    boundaries = [shift + math.log(t_l / (1 - t_l)), shift + math.log(T_UP / (1 - T_UP))]
+    logits = torch.cat([_ulp_neighbourhood(b) for b in boundaries]).to(device)
+    pi = p_open(logits.double()).cpu()
+    masks = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("LUMOS_BACKEND", backend)
+        # eval: z_hat lies strictly inside (0, 1) near t_u, and near t_l = 0.4, so a mask of
+        # exactly 0 or 1 there is a forced gate (near t_l = 0.05 z_hat clamps to 0 either way);
+        # training with noise_range = 0.5 (u = 1/2) keeps z below 1 near t_u too
+        masks[backend, "eval"] = hard_concrete(logits, seed=0, training=False, t_l=t_l).cpu()
+        masks[backend, "train"] = hard_concrete(logits, seed=4, training=True, t_l=t_l, noise_range=0.5).cpu()
+    for mode in ("eval", "train"):
+        got, want = masks["triton", mode], masks["torch", mode]
+        assert torch.equal(got == 1, want == 1) and torch.equal(got == 0, want == 0), mode
+        assert torch.equal(got == 1, pi > T_UP), mode
+    if t_l == 0.4:
+        assert torch.equal(masks["triton", "eval"] == 0, pi <= t_l)
+    # both thresholds are crossed inside the neighbourhood: the test probes the boundary
+    assert (pi > T_UP).any() and not (pi > T_UP).all() and (pi <= t_l).any()
+
+
+def test_log_alpha_bounds_are_the_last_fp32_logits_on_each_side():
+    """closed_max is the largest fp32 logit with p_open <= t_l, open_min the smallest with p_open > t_u
+    (p_open evaluated in float64, which resolves one fp32 ulp)."""
+    closed_max, open_min = (torch.tensor(v) for v in log_alpha_bounds(0.05, 0.95))
+    after_closed = torch.nextafter(closed_max, torch.tensor(math.inf))
+    before_open = torch.nextafter(open_min, torch.tensor(-math.inf))
+    assert p_open(closed_max.double()) <= 0.05 < p_open(after_closed.double())
+    assert p_open(before_open.double()) <= 0.95 < p_open(open_min.double())
+    assert math.isnan(log_alpha_bounds(t_u=1.0)[1])  # t_u = 1 forces nothing open
+    assert log_alpha_bounds(t_l=0.0)[0] == -math.inf
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_hard_concrete_p_open_sum_is_accumulated_in_fp32_for_bf16_logits(device, backend, monkeypatch):
+    monkeypatch.setenv("LUMOS_BACKEND", backend)
+    log_alpha = (torch.rand(20_000, device=device) * 6 - 3).to(torch.bfloat16).requires_grad_()
+    m, total = hard_concrete(log_alpha, seed=1, return_p_open_sum=True)
+    exact = p_open(log_alpha.detach().double()).sum()
+    assert m.dtype == torch.bfloat16 and total.dtype == torch.float32
+    # fp32 over 20k terms: ~1e-7 relative; a bf16 result would be off by up to ~0.4%
+    assert abs(total.item() - exact.item()) <= 1e-5 * exact.item()
+    (grad,) = torch.autograd.grad(total, log_alpha)
+    pi = p_open(log_alpha.detach().float())
+    torch.testing.assert_close(grad.float(), pi * (1 - pi), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_hard_concrete_mask_may_be_modified_in_place(device, backend, monkeypatch):
+    """The mask is a fresh tensor the backward does not need: in-place ops on it keep gradients right."""
+    monkeypatch.setenv("LUMOS_BACKEND", backend)
+    log_alpha = (torch.rand(2, 300, device=device) * 3 - 1.5).requires_grad_()
+    weight = torch.randn(2, 300, device=device)
+    grads = []
+    for in_place in (True, False):
+        m = hard_concrete(log_alpha, seed=5, offset=2)
+        m = m.mul_(2.0).add_(1.0) if in_place else m * 2.0 + 1.0
+        grads.append(torch.autograd.grad((m * weight).sum(), log_alpha)[0])
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    assert grads[0].abs().sum() > 0
+
+
 _COMPILE_CHECK = """
 import triton.language as tl
-import importlib
-from lumos_kernels import dispatch
-fwd, bwd = importlib.import_module("lumos_kernels.hard_concrete")._kernels()
-floats = ["noise_lo", "noise_scale", "t_l", "t_u", "inv_beta", "gamma", "stretch", "log_ratio",
-          "u_eps", "zeta", "scale"]
-for dt in ("fp32", "bf16"):
-    sig = {name: "fp32" for name in floats}
-    sig.update(log_alpha_ptr="*" + dt, m_ptr="*" + dt, p_open_part_ptr="*fp32", seed="i64",
-               grad_m_ptr="*" + dt, grad_sum_ptr="*" + dt, grad_ptr="*" + dt)
-    for training in (True, False):
-        dispatch.compile_for_cuda_target(fwd, sig, dict(TRAINING=training, ACC=tl.float32, BLOCK=1024))
-    dispatch.compile_for_cuda_target(bwd, sig, dict(HAS_GRAD_M=True, HAS_GRAD_SUM=True, ACC=tl.float32,
-                                                    BLOCK=1024))
+from lumos_kernels._triton.cuda_target import compile_for_cuda_target
+from lumos_kernels._triton.hard_concrete import hard_concrete_fwd_kernel as kernel
+floats = ["noise_lo", "noise_scale", "u_eps", "inv_beta", "gamma", "zeta", "log_ratio", "dm_scale"]
+for arch in (80, 90):
+    for dt, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
+        sig = {name: "fp32" for name in floats}
+        sig.update(log_alpha_ptr="*" + dt, m_ptr="*" + dt, dm_ptr="*" + acc, p_open_part_ptr="*" + acc,
+                   seed="i64")
+        for training in (True, False):
+            compile_for_cuda_target(kernel, sig, dict(TRAINING=training, BLOCK=1024), capability=arch)
 print("compiled")
 """
 
 
-def test_hard_concrete_kernels_compile_for_a_cuda_target():
-    """Real Triton compilation to sm_80 cubins (no GPU needed): catches what the interpreter cannot."""
+def test_hard_concrete_kernel_compiles_for_cuda_targets():
+    """Real Triton compilation to sm_80/sm_90 cubins (no GPU needed): catches what the interpreter cannot."""
     assert_compiles_for_cuda_target(_COMPILE_CHECK)

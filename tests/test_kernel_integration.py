@@ -121,3 +121,80 @@ def test_16_bit_gin_keeps_its_dtype_on_both_backends(monkeypatch):
     for backend in ("torch", "triton"):
         monkeypatch.setenv("LUMOS_BACKEND", backend)
         assert layer(x, edge_index, edge_attr).dtype == torch.bfloat16, backend
+
+
+# ------------------------------------------------------------------ in-place ops after gated layers
+
+class _SmallVGG(nn.Module):
+    """Conv-ReLU(inplace)-pool stack then an FC head with ReLU(inplace), as torchvision's VGG writes it."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=inplace), nn.MaxPool2d(2),
+            nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(inplace=inplace), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(12 * 2 * 2, 16), nn.ReLU(inplace=inplace), nn.Dropout(0.0),
+                                        nn.Linear(16, 16), nn.ReLU(inplace=inplace), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def _train_step_grads(gated, inputs, backend, monkeypatch):
+    monkeypatch.setenv("LUMOS_BACKEND", backend)
+    gated.zero_grad()
+    torch.manual_seed(11)  # the same gate masks for both models
+    out = gated(*inputs)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in gated.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_vgg_with_inplace_relus_trains_like_out_of_place(backend, monkeypatch):
+    """GatedConv2d / GatedLinear outputs fed to ReLU(inplace=True): same outputs and gradients."""
+    x = torch.randn(4, 3, 8, 8)
+    results = []
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        model = _SmallVGG(inplace)
+        gated = lumos.gate(model, x, feature_dim=1).to(DEVICE)
+        kinds = {type(m).__name__ for m in gated.modules()}
+        assert {"GatedConv2d", "GatedLinear"} <= kinds
+        results.append(_train_step_grads(gated, (x.to(DEVICE),), backend, monkeypatch))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_b:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gated_gin_output_modified_in_place_trains_like_out_of_place(backend, monkeypatch):
+    """In-place ReLUs inside the GIN MLP and on the aggregation's and the layer's outputs."""
+    x = torch.randn(9, 6, device=DEVICE)
+    edge_index = torch.randint(0, 9, (2, 23), device=DEVICE)
+    edge_attr = torch.randn(23, 3, device=DEVICE)
+    results = []
+    for inplace in (True, False):
+        torch.manual_seed(0)
+        mlp = nn.Sequential(nn.ReLU(inplace=inplace), lumos.nn.GatedLinear(6, 12), nn.ReLU(inplace=inplace),
+                            nn.Linear(12, 5))
+        conv = lumos.nn.GINConv(6, mlp, edge_dim=3, train_eps=True)
+        gated = lumos.nn.GatedGINConv.from_gin(conv).to(DEVICE)
+        with torch.no_grad():
+            gated.aggr.column_gate.log_alpha.uniform_(-2, 2)
+
+        class _Head(nn.Module):
+            def __init__(self, conv):
+                super().__init__()
+                self.conv = conv
+
+            def forward(self, x, edge_index, edge_attr):
+                out = self.conv(x, edge_index, edge_attr)
+                return out.relu_() if inplace else out.relu()
+
+        results.append(_train_step_grads(_Head(gated), (x, edge_index, edge_attr), backend, monkeypatch))
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    for name in grads_b:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=0, msg=name)

@@ -8,8 +8,10 @@ import torch
 
 from kernel_checks import (DEVICES, assert_close, assert_compiles_for_cuda_target, needs_cuda,
                            needs_interpreter)
-from lumos_kernels import masked_linear, masked_linear_reference
-from lumos_kernels.masked_gemm import _masked_linear_backward_triton, _masked_linear_op
+from lumos_kernels import fp32_input_precision, masked_linear, masked_linear_reference
+from lumos_kernels._triton import masked_gemm as triton_masked_gemm
+from lumos_kernels._triton import tuning
+from lumos_kernels.masked_gemm import _masked_linear_op
 
 # Tolerances, once per dtype. 16-bit inputs are compared with the fp32 reference on the same
 # (rounded) inputs; atol is relative to the largest expected magnitude (sums over M, N, K).
@@ -113,7 +115,7 @@ def test_masked_linear_split_m_backward_matches_reference():
     """The split-M dW path (used on GPUs for small N x K) reduces its partials correctly."""
     x, w, b, gi, go = _inputs((150,), 37, 41)
     grad = torch.randn(150, 37)
-    got = _masked_linear_backward_triton(grad, x, w, b, gi, go, True, True, True, True, True, split_m=3)
+    got = triton_masked_gemm.backward(grad, x, w, b, gi, go, (True,) * 5, "ieee", split_m=3)
     want = torch.autograd.grad(masked_linear_reference(x, w, b, gi, go), (x, w, b, gi, go), grad)
     for a, e in zip(got, want):
         assert_close(a, e, TOL[torch.float32])
@@ -138,11 +140,11 @@ def test_masked_linear_rejects_mixed_dtypes():
         masked_linear(torch.randn(2, 3), torch.randn(4, 3, dtype=torch.float64))
 
 
-@needs_interpreter
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
 @pytest.mark.parametrize("optional", [True, False])
-def test_masked_linear_opcheck(optional):
+def test_masked_linear_opcheck(backend, optional):
     x, w, b, gi, go = _inputs((3, 5), 7, 9, bias=optional, m_in=optional, m_out=True)
-    torch.library.opcheck(_masked_linear_op, (x, w, b, gi, go))
+    torch.library.opcheck(_masked_linear_op, (x, w, b, gi, go, backend))
 
 
 @needs_interpreter
@@ -178,28 +180,159 @@ def test_masked_linear_16bit_matches_fp32_reference(device, dtype, lead, n, k):
     _check_against_reference(_inputs(lead, n, k, device, dtype), dtype)
 
 
-_COMPILE_CHECK = """
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("lead", [(9,), (2, 3, 4), ()], ids=["2d", "4d", "1d"])
+def test_masked_linear_output_may_be_modified_in_place(device, backend, lead, monkeypatch):
+    """ReLU(inplace=True) / add_ after a gated layer: training works, gradients equal the out-of-place ones."""
+    monkeypatch.setenv("LUMOS_BACKEND", backend)
+    args = _inputs(lead, 6, 5, device)
+    grads = []
+    for in_place in (True, False):
+        y = masked_linear(*args)
+        assert y._base is None  # a fresh tensor, not a view
+        y = torch.relu_(y.add_(0.5)) if in_place else torch.relu(y + 0.5)
+        grads.append(torch.autograd.grad(y.square().sum(), args))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("setting, expected", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_fp32_input_precision_follows_torch_matmul_precision(setting, expected, monkeypatch):
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(setting)
+        assert fp32_input_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+class _LaunchSpy:
+    """Stands in for a ``@triton.jit`` kernel: records each launch's constexprs, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@needs_interpreter
+@pytest.mark.parametrize("setting, expected", [("highest", "ieee"), ("high", "tf32")])
+def test_fp32_kernels_launch_with_the_precision_torch_would_use(setting, expected, monkeypatch):
+    """Forward, dx and dW launches all get INPUT_PRECISION from torch's matmul setting (fp32 inputs)."""
+    gemm, dw = _LaunchSpy(triton_masked_gemm.gated_gemm_kernel), _LaunchSpy(triton_masked_gemm.dw_kernel)
+    monkeypatch.setattr(triton_masked_gemm, "gated_gemm_kernel", gemm)
+    monkeypatch.setattr(triton_masked_gemm, "dw_kernel", dw)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(setting)
+        _check_against_reference(_inputs((20,), 9, 11))
+        x64 = [t.double().detach().requires_grad_() for t in _inputs((4,), 3, 5)]
+        masked_linear(*x64).sum().backward()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    def precisions(spy):
+        return [(str(kw["ACC"]), kw["INPUT_PRECISION"]) for kw in spy.launches]
+
+    # fp32: forward, dx, dW; then fp64: forward, dx, dW
+    assert precisions(gemm) == [("fp32", expected)] * 2 + [("fp64", "ieee")] * 2
+    assert precisions(dw) == [("fp32", expected), ("fp64", "ieee")]
+
+
+def test_m_bucket_rounds_up_to_powers_of_two():
+    assert [tuning.m_bucket(m) for m in (1, 16, 17, 1000, 1024, 1025, 10**7)] == \
+        [16, 16, 32, 1024, 1024, 2048, 1 << 17]
+
+
+def test_config_chooser_times_each_key_once_and_never_during_graph_capture(monkeypatch):
+    """Launch-config choice without a GPU: timing is faked, the bookkeeping is real."""
+    import triton
+
+    configs = [tuning.LaunchConfig((64,)), tuning.LaunchConfig((128,)), tuning.LaunchConfig((32,))]
+    heuristic = tuning.LaunchConfig((16,))
+    chooser = tuning.ConfigChooser("test", configs)
+    timed = []
+    fake_ms = {64: 2.0, 128: 1.0, 32: 3.0}
+
+    def fake_bench(fn, **_):
+        fn()
+        return fake_ms[timed[-1].blocks[0]]
+
+    monkeypatch.setattr(tuning, "triton_interpreted", lambda: False)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(tuning, "capturing_cuda_graph", lambda: True)
+    assert chooser.choose("k1", timed.append, heuristic) == heuristic and not timed  # capture: no timing
+    monkeypatch.setattr(tuning, "capturing_cuda_graph", lambda: False)
+    assert chooser.choose("k1", timed.append, heuristic) == configs[1]
+    assert len(timed) == 3
+    assert chooser.choose("k1", timed.append, heuristic) == configs[1] and len(timed) == 3  # remembered
+    monkeypatch.setattr(tuning, "capturing_cuda_graph", lambda: True)
+    assert chooser.choose("k1", timed.append, heuristic) == configs[1]  # a timed key is fine in capture
+    assert chooser.choose("k2", timed.append, heuristic) == heuristic and len(timed) == 3
+
+
+# Compiled for sm_90 (Hopper) without a GPU: the gated K loop must keep the MMA pipelined like the
+# ungated one. In the TTGIR, an async `ttng.warp_group_dot` inside the loop is followed by a
+# `ttng.warp_group_dot_wait {pendings = N}`: N >= 1 lets the next MMA start before the previous
+# one retires; N = 0 serialises them. The forward layout (b = W row-major) and the dx layout
+# (b = W.T, a strided view) are both checked, for bf16/fp16, and fp32 with TF32.
+_IR_CHECK = """
+import re
 import triton.language as tl
-from lumos_kernels import dispatch, masked_gemm
-gemm, dw, _, _ = masked_gemm._kernels()
-for arch, dt in ((80, "fp32"), (80, "bf16"), (80, "fp16"), (90, "bf16"), (90, "fp32")):
+from lumos_kernels._triton.cuda_target import compile_for_cuda_target
+from lumos_kernels._triton.masked_gemm import gated_gemm_kernel, dw_kernel
+
+def loop_waits(ir):
+    lines, found = ir.splitlines(), []
+    for i, line in enumerate(lines):
+        if "scf.for" in line:
+            indent = len(line) - len(line.lstrip())
+            for inner in lines[i + 1:]:
+                if len(inner) - len(inner.lstrip()) <= indent:
+                    break
+                hit = re.search(r"warp_group_dot_wait .*pendings = (\\d+)", inner)
+                if hit:
+                    found.append(int(hit.group(1)))
+    return found
+
+def compile_gemm(dt, gated, layout, precision, arch=90):
+    unit = dict(stride_ak=1, stride_on=1, **({"stride_bk": 1} if layout == "forward" else {"stride_bn": 1}))
+    aligned = ("M", "N", "K", "stride_am", "stride_om", "stride_bn" if layout == "forward" else "stride_bk")
+    return compile_for_cuda_target(
+        gated_gemm_kernel, {"a_ptr": "*" + dt, "b_ptr": "*" + dt, "out_ptr": "*" + dt, "g_k_ptr": "*fp32",
+                            "bias_ptr": "*" + dt, "g_n_ptr": "*fp32"},
+        dict(HAS_G_K=gated, HAS_BIAS=True, HAS_G_N=True, BLOCK_M=128, BLOCK_N=128,
+             BLOCK_K=32 if dt == "fp32" else 64, GROUP_M=8, ACC=tl.float32, INPUT_PRECISION=precision, **unit),
+        capability=arch, num_warps=8, num_stages=3, aligned=aligned).asm["ttgir"]
+
+for dt, precision in (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32")):
+    for layout in ("forward", "dx"):
+        gated, ungated = (compile_gemm(dt, g, layout, precision) for g in (True, False))
+        waits_gated, waits_ungated = loop_waits(gated), loop_waits(ungated)
+        print(dt, layout, "gated", waits_gated, "ungated", waits_ungated)
+        assert waits_ungated and min(waits_ungated) >= 1, (dt, layout, waits_ungated)
+        assert waits_gated and min(waits_gated) == min(waits_ungated), (dt, layout, waits_gated, waits_ungated)
+        mma = [line for line in gated.splitlines() if "warp_group_dot " in line]
+        assert all("dot_op<{opIdx = 0" in line for line in mma), "gated a operand should come from registers"
+# fp32 follows torch: "ieee" must stay off the tensor cores, "tf32" must use them
+assert "warp_group_dot " not in compile_gemm("fp32", True, "forward", "ieee")
+for arch, dt in ((80, "fp32"), (80, "bf16"), (90, "bf16")):
     acc = dict(ACC=tl.float32, INPUT_PRECISION="tf32" if dt == "fp32" else "ieee")
-    dispatch.compile_for_cuda_target(
-        gemm, {"a_ptr": "*" + dt, "b_ptr": "*" + dt, "out_ptr": "*" + dt,
-               "g_k_ptr": "*fp32", "bias_ptr": "*" + dt, "g_n_ptr": "*fp32"},
-        dict(HAS_G_K=True, HAS_BIAS=True, HAS_G_N=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32,
-             GROUP_M=8, **acc), capability=arch, num_stages=4)
-    dispatch.compile_for_cuda_target(
-        dw, {"g_ptr": "*" + dt, "x_ptr": "*" + dt, "w_ptr": "*" + dt, "bias_ptr": "*" + dt,
-             "m_in_ptr": "*fp32", "m_out_ptr": "*fp32", "dw_ptr": "*" + dt, "db_ptr": "*fp32",
-             "dm_in_part_ptr": "*fp32", "dm_out_part_ptr": "*fp32"},
+    compile_gemm(dt, True, "forward", acc["INPUT_PRECISION"], arch)
+    compile_for_cuda_target(
+        dw_kernel, {"g_ptr": "*" + dt, "x_ptr": "*" + dt, "w_ptr": "*" + dt, "bias_ptr": "*" + dt,
+                    "m_in_ptr": "*fp32", "m_out_ptr": "*fp32", "dw_ptr": "*" + dt, "db_part_ptr": "*fp32",
+                    "dm_in_part_ptr": "*fp32", "dm_out_part_ptr": "*fp32"},
         dict(HAS_BIAS=True, HAS_M_IN=True, HAS_M_OUT=True, NEED_W=True, NEED_B=True,
-             NEED_M_IN=True, NEED_M_OUT=True, BLOCK_N=128, BLOCK_K=64, BLOCK_M=32, **acc),
-        capability=arch)
+             NEED_M_IN=True, NEED_M_OUT=True, BLOCK_N=128, BLOCK_K=64, BLOCK_M=32, **acc), capability=arch)
 print("compiled")
 """
 
 
-def test_masked_linear_kernels_compile_for_a_cuda_target():
-    """Real Triton compilation to sm_80/sm_90 cubins (no GPU needed): what the interpreter cannot check."""
-    assert_compiles_for_cuda_target(_COMPILE_CHECK)
+def test_gated_gemm_keeps_the_mma_pipelined_on_sm90_like_the_ungated_one():
+    """Compile-only (no GPU): gating on the x / G operand keeps wgmma async; the kernels compile for sm_80/90."""
+    assert_compiles_for_cuda_target(_IR_CHECK)

@@ -8,7 +8,8 @@ import torch
 
 from kernel_checks import DEVICES, assert_close, assert_compiles_for_cuda_target, needs_interpreter
 from lumos_kernels import masked_message_passing, masked_message_passing_reference, to_csr
-from lumos_kernels.message_passing import _message_passing_op, transpose_csr
+from lumos_kernels._triton import message_passing as triton_message_passing
+from lumos_kernels.message_passing import CSR, _message_passing_op, transpose_csr
 
 # Tolerances, once per dtype. 16-bit inputs are compared with the fp32 reference on the same
 # (rounded) inputs; atol is relative to the largest expected magnitude (sums over edges/nodes).
@@ -163,6 +164,7 @@ def test_message_passing_opcheck(backend):
     rowptr_t, perm_t = csr.transposed()
     rowptr, col = csr.rowptr, csr.col
     torch.library.opcheck(_message_passing_op, (x, rowptr, col, emb, m, eps, rowptr_t, perm_t, backend))
+    torch.library.opcheck(_message_passing_op, (x, rowptr.int(), col.int(), emb, m, eps, None, None, backend))
     torch.library.opcheck(_message_passing_op, (x, rowptr, col, emb, None, eps.detach(), None, None, backend))
 
 
@@ -194,23 +196,167 @@ def test_message_passing_16bit_matches_fp32_reference(device, dtype, num_nodes, 
     _check_against_reference(csr, *_inputs(num_nodes, num_edges, feats, device, dtype), dtype=dtype)
 
 
+def _hub_graph(device="cpu"):
+    """64 nodes: node 0 receives 5,000 edges, 3,000 of them from node 1; 100 edges among nodes
+    1..31; nodes 32..63 have no edge at all."""
+    g = torch.Generator().manual_seed(5)
+    into_hub = torch.stack([torch.cat([torch.ones(3000, dtype=torch.long), torch.randint(1, 32, (2000,), generator=g)]),
+                            torch.zeros(5000, dtype=torch.long)])
+    among = torch.randint(1, 32, (2, 100), generator=g)
+    edge_index = torch.cat([into_hub, among], dim=1)
+    return to_csr(edge_index[:, torch.randperm(edge_index.shape[1], generator=g)].to(device), 64)
+
+
+def _as_index(csr, dtype):
+    """The same CSR with ``rowptr`` and ``col`` (and its cached transposed view) in ``dtype``."""
+    cast = CSR(csr.rowptr.to(dtype), csr.col.to(dtype), csr.perm)
+    rowptr_t, perm_t = csr.transposed()
+    cast.__dict__["_transposed"] = (rowptr_t.to(dtype), perm_t.to(dtype))
+    return cast
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index_dtype, transposed", [(torch.int32, True), (torch.int64, False)],
+                         ids=["int32-transposed-given", "int64-transposed-computed"])
+def test_message_passing_hub_of_degree_5000_beside_isolated_nodes(device, index_dtype, transposed):
+    """A row 5x longer than a segment is split over programs and finished by the second pass;
+    node 1's 3,000 out-edges are split the same way in the dx pass."""
+    csr = _hub_graph(device)
+    assert int(csr.rowptr[1]) == 5000 and int((csr.col == 1).sum()) >= 3000
+    assert triton_message_passing.INTERPRET_CHUNK < 3000  # both the hub and node 1 get split
+    _check_against_reference(_as_index(csr, index_dtype), *_inputs(64, csr.col.numel(), 12, device),
+                             transposed=transposed)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+def test_message_passing_many_split_rows_with_small_segments(index_dtype, monkeypatch):
+    """Segments of 3 edges: most rows of a power-law-ish graph are split, in both directions."""
+    monkeypatch.setattr(triton_message_passing, "INTERPRET_CHUNK", 3)
+    g = torch.Generator().manual_seed(2)
+    weights = 1.0 / torch.arange(1, 41, dtype=torch.float)  # Zipf-like degrees
+    src = torch.multinomial(weights, 400, replacement=True, generator=g)
+    dst = torch.multinomial(weights.flip(0), 400, replacement=True, generator=g)
+    csr = to_csr(torch.stack([src, dst]), 40)
+    _check_against_reference(_as_index(csr, index_dtype), *_inputs(40, 400, 20))
+
+
+def test_segment_plan_cuts_rows_into_chunks_and_lists_split_rows():
+    degrees = torch.tensor([0, 3, 10, 1, 0, 9])
+    rowptr = torch.cat([torch.zeros(1, dtype=torch.long), degrees.cumsum(0)])
+    plan = triton_message_passing.segment_plan(rowptr, 23, chunk=4)
+    valid = plan.row < 6
+    segments = list(zip(plan.row[valid].tolist(), plan.lo[valid].tolist(), plan.hi[valid].tolist(),
+                        plan.slot[valid].tolist()))
+    assert segments == [(0, 0, 0, -1), (1, 0, 3, -1), (2, 3, 7, 0), (2, 7, 11, 1), (2, 11, 13, 2),
+                        (3, 13, 14, -1), (4, 14, 14, -1), (5, 14, 18, 3), (5, 18, 22, 4), (5, 22, 23, 5)]
+    assert plan.row.numel() >= len(segments) and plan.num_slots >= 6  # static bounds hold
+    listed = plan.split_row < 6
+    assert plan.split_row[listed].tolist() == [2, 5]
+    assert plan.split_slot[listed].tolist() == [0, 3] and plan.split_count[listed].tolist() == [3, 3]
+    assert (plan.split_count[~listed] == 0).all()
+
+
+def _bad_graph(kind):
+    csr = to_csr(torch.tensor([[0, 1, 2, 3, 0, 2], [1, 2, 0, 0, 3, 3]]), 4)
+    rowptr, col = csr.rowptr.clone(), csr.col.clone()
+    rowptr_t = perm_t = None
+    if kind == "start":
+        rowptr[0] = 1
+    elif kind == "end":
+        rowptr[-1] = 5
+    elif kind == "decreasing":
+        rowptr[2] = 0
+    elif kind == "col":
+        col[1] = 4
+    elif kind == "transposed":
+        rowptr_t, perm_t = transpose_csr(rowptr, col)
+        perm_t = perm_t.flip(0)
+    return rowptr, col, rowptr_t, perm_t
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@pytest.mark.parametrize("kind, match", [("start", "rowptr.*start at 0"), ("end", "rowptr.*end at E"),
+                                         ("decreasing", "rowptr.*never decrease"), ("col", "col.*num_nodes"),
+                                         ("transposed", "source-sorted view")])
+def test_message_passing_rejects_an_invalid_graph(backend, kind, match, monkeypatch):
+    monkeypatch.setenv("LUMOS_BACKEND", backend)
+    rowptr, col, rowptr_t, perm_t = _bad_graph(kind)
+    x, emb = torch.randn(4, 3), torch.randn(6, 3)
+    with pytest.raises(ValueError, match=f"masked_message_passing: .*{match}"):
+        masked_message_passing(x, rowptr, col, emb, rowptr_t=rowptr_t, perm_t=perm_t)
+
+
+def test_message_passing_rejects_float_indices_and_checks_a_changed_graph_again():
+    csr = to_csr(torch.tensor([[0, 1], [1, 0]]), 2)
+    x, emb = torch.randn(2, 3), torch.randn(2, 3)
+    with pytest.raises(TypeError, match="`col` must be a 1-D int32 or int64"):
+        masked_message_passing(x, csr.rowptr, csr.col.float(), emb)
+    masked_message_passing(x, csr.rowptr, csr.col, emb)  # valid, and remembered as such
+    csr.rowptr[0] = 1  # modified in place: checked again
+    with pytest.raises(ValueError, match="start at 0"):
+        masked_message_passing(x, csr.rowptr, csr.col, emb)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_message_passing_output_may_be_modified_in_place(device, backend, monkeypatch):
+    monkeypatch.setenv("LUMOS_BACKEND", backend)
+    csr = _graph(30, 90, device)
+    x, emb, m, eps = _inputs(30, 90, 12, device)
+    grads = []
+    for in_place in (True, False):
+        out = masked_message_passing(x, csr.rowptr, csr.col, emb, m, eps)
+        assert out._base is None
+        out = torch.relu_(out.add_(0.1)) if in_place else torch.relu(out + 0.1)
+        grads.append(torch.autograd.grad(out.square().sum(), (x, emb, m, eps)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 _COMPILE_CHECK = """
+import re
 import triton.language as tl
-from lumos_kernels import dispatch, message_passing
-fwd, bwd_dst, bwd_src = message_passing._kernels()
-for dt in ("fp32", "bf16"):
-    sig = dict(x_ptr="*" + dt, rowptr_ptr="*i64", col_ptr="*i64", emb_ptr="*" + dt, m_ptr="*fp32",
-               eps_ptr="*" + dt, out_ptr="*" + dt, grad_ptr="*" + dt, d_emb_ptr="*fp32",
-               dm_part_ptr="*fp32", d_eps_part_ptr="*fp32", rowptr_t_ptr="*i64", perm_t_ptr="*i64",
-               dx_ptr="*" + dt)
-    meta = dict(ACC=tl.float32, BLOCK_V=16, BLOCK_F=64)
-    dispatch.compile_for_cuda_target(fwd, sig, dict(HAS_M=True, **meta))
-    dispatch.compile_for_cuda_target(bwd_dst, sig, dict(HAS_M=True, NEED_M=True, NEED_EPS=True, **meta))
-    dispatch.compile_for_cuda_target(bwd_src, sig, dict(HAS_M=True, **meta))
+from lumos_kernels._triton.cuda_target import compile_for_cuda_target
+from lumos_kernels._triton import message_passing as mp
+
+def check_row_addresses_are_int64(ttir, name):
+    # A 2-D feature-tile address is row * F + col. Triton adds the two parts with two addptr ops:
+    # the row part must be i64; an i32 offset of a 2-D tile may only be the broadcast column range.
+    defs = {m.group(1): line for line in ttir.splitlines() for m in [re.match(r"\\s*(%[\\w.#]+) = ", line)] if m}
+    for line in ttir.splitlines():
+        hit = re.search(r"tt.addptr %\\S+, (%[\\w.#]+) : tensor<(\\d+)x(\\d+)x!tt.ptr<\\w+>>, "
+                        r"tensor<\\d+x\\d+x(i\\d+)>", line)
+        if hit and hit.group(4) == "i32":
+            source = defs[hit.group(1)]
+            assert "tt.broadcast" in source and "tensor<1x" in source, (name, line.strip(), source.strip())
+        elif hit:
+            assert hit.group(4) == "i64", (name, line.strip())
+
+for arch, dt, index in ((90, "fp32", "i32"), (90, "bf16", "i64"), (80, "fp32", "i32")):
+    sig = dict(value_ptr="*" + dt, index_ptr="*" + index, emb_ptr="*" + dt, self_ptr="*" + dt, m_ptr="*fp32",
+               eps_ptr="*" + dt, seg_row_ptr="*i64", seg_lo_ptr="*i64", seg_hi_ptr="*i64", seg_slot_ptr="*i64",
+               out_ptr="*" + dt, part_ptr="*fp32", split_row_ptr="*i64", split_slot_ptr="*i64",
+               split_count_ptr="*i64", grad_ptr="*" + dt, x_ptr="*" + dt, col_ptr="*" + index,
+               dst_ptr="*i64", d_emb_ptr="*fp32", dm_part_ptr="*fp32")
+    for forward in (True, False):
+        meta = dict(GATE_MESSAGES=forward, HAS_M=True, ACC=tl.float32, BLOCK_F=64)
+        if not forward:
+            sig.update(value_ptr="*fp32", index_ptr="*" + index)
+        kernel = compile_for_cuda_target(mp.segment_sum_kernel, sig,
+                                         dict(RELU_OF_SUM_WITH_EMB=forward, BLOCK_S=32, **meta), capability=arch)
+        check_row_addresses_are_int64(kernel.asm["ttir"], "segment_sum")
+        kernel = compile_for_cuda_target(mp.segment_finish_kernel, sig, dict(BLOCK_P=16, **meta), capability=arch)
+        check_row_addresses_are_int64(kernel.asm["ttir"], "segment_finish")
+    kernel = compile_for_cuda_target(mp.edge_grad_kernel, sig,
+                                     dict(HAS_M=True, STORE_D_EMB=True, NEED_M=True, ACC=tl.float32, BLOCK_E=32,
+                                          BLOCK_F=64), capability=arch)
+    check_row_addresses_are_int64(kernel.asm["ttir"], "edge_grad")
 print("compiled")
 """
 
 
-def test_message_passing_kernels_compile_for_a_cuda_target():
-    """Real Triton compilation to sm_80 cubins (no GPU needed): catches what the interpreter cannot."""
+def test_message_passing_kernels_compile_for_cuda_targets_with_int64_row_addresses():
+    """Real compilation to sm_80/sm_90 (no GPU needed), int32 and int64 indices: every feature-row
+    address is computed in int64, so N * F or E * F past 2**31 cannot wrap."""
     assert_compiles_for_cuda_target(_COMPILE_CHECK)

@@ -1,11 +1,13 @@
-"""Torch reference ops of lumos_kernels: gradients (float64 gradcheck), gate law, CSR."""
+"""The torch backend of the lumos_kernels ops (the CPU path): float64 gradcheck, the plain references
+(autograd of the formulas) as oracle, gate law, noise contract, CSR, argument errors."""
 import math
 
 import pytest
 import torch
 
-from lumos_kernels import (hard_concrete, masked_linear, masked_message_passing, p_open,
-                           philox_uniform, to_csr)
+from lumos_kernels import (hard_concrete, hard_concrete_reference, masked_linear, masked_linear_reference,
+                           masked_message_passing, masked_message_passing_reference, p_open, philox_uniform,
+                           to_csr)
 from lumos_kernels.hard_concrete import BETA, GAMMA, ZETA
 
 
@@ -179,3 +181,73 @@ def test_backend_env_rejects_unknown(monkeypatch):
     monkeypatch.setenv("LUMOS_BACKEND", "cuda")
     with pytest.raises(ValueError, match="LUMOS_BACKEND"):
         masked_linear(torch.randn(2, 3), torch.randn(4, 3))
+
+
+# ------------------------------------------------------- the torch backend against the plain reference
+
+def test_hard_concrete_torch_backend_matches_the_reference_values_and_gradients():
+    """The op's closed-form backward against autograd through the reference's sampling formula."""
+    log_alpha = (torch.rand(500, dtype=torch.float64) * 8 - 4).requires_grad_()
+    for training in (True, False):
+        m, total = hard_concrete(log_alpha, seed=3, offset=9, training=training, return_p_open_sum=True)
+        m_ref = hard_concrete_reference(log_alpha, 3, 9, training)
+        torch.testing.assert_close(m, m_ref)
+        torch.testing.assert_close(total, p_open(log_alpha).sum())
+        weights = torch.randn(500, dtype=torch.float64)
+        got = torch.autograd.grad((m * weights).sum() + 0.3 * total, log_alpha)[0]
+        want = torch.autograd.grad((m_ref * weights).sum() + 0.3 * p_open(log_alpha).sum(), log_alpha)[0]
+        torch.testing.assert_close(got, want)
+
+
+def test_masked_linear_torch_backend_matches_the_reference_values_and_gradients():
+    for rows in (3, 40):  # fewer and more rows than outputs: the two ways the torch backend scales
+        args = [_f64(2, rows, 9), _f64(7, 9), _f64(7), torch.rand(9, dtype=torch.float64, requires_grad=True),
+                torch.rand(7, dtype=torch.float64, requires_grad=True)]
+        y, y_ref = masked_linear(*args), masked_linear_reference(*args)
+        torch.testing.assert_close(y, y_ref)
+        grad = torch.randn_like(y)
+        for got, want in zip(torch.autograd.grad(y, args, grad), torch.autograd.grad(y_ref, args, grad)):
+            torch.testing.assert_close(got, want)
+
+
+def test_message_passing_torch_backend_matches_the_reference_values_and_gradients():
+    csr = to_csr(_graph(num_nodes=8, num_edges=30, seed=4), 8)
+    args = [_f64(8, 5), _f64(30, 5), torch.rand(5, dtype=torch.float64, requires_grad=True),
+            torch.tensor(0.2, dtype=torch.float64, requires_grad=True)]
+    out = masked_message_passing(args[0], csr.rowptr, csr.col, *args[1:])
+    ref = masked_message_passing_reference(args[0], csr.rowptr, csr.col, *args[1:])
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_hard_concrete_mask_of_a_gate_depends_only_on_its_position_in_the_flat_buffer():
+    """The noise contract: gate i draws (seed, offset + i), so a slice sampled alone with the
+    matching offset, or the buffer seen as 2-D, gives exactly the same masks."""
+    flat = torch.rand(3000) * 4 - 2
+    whole = hard_concrete(flat, seed=9, offset=7)
+    for start, stop in ((0, 1), (0, 1000), (1000, 1001), (1001, 3000), (2999, 3000)):
+        assert torch.equal(hard_concrete(flat[start:stop], seed=9, offset=7 + start), whole[start:stop])
+    assert torch.equal(hard_concrete(flat.view(30, 100), seed=9, offset=7), whole.view(30, 100))
+    assert torch.equal(hard_concrete(flat.view(100, 30).t(), seed=9, offset=7),
+                       hard_concrete(flat.view(100, 30).t().contiguous(), seed=9, offset=7))
+
+
+def test_masked_linear_under_autocast_computes_in_the_autocast_dtype():
+    x, w, b = torch.randn(4, 6), torch.randn(3, 6, requires_grad=True), torch.randn(3)
+    m_in, m_out = torch.rand(6), torch.rand(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = masked_linear(x, w, b, m_in, m_out)
+    assert y.dtype == torch.bfloat16
+    expected = masked_linear_reference(x.bfloat16(), w.bfloat16(), b.bfloat16(), m_in, m_out)
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)  # bf16 roundings differ
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and w.grad.abs().sum() > 0
+
+
+def test_masked_linear_rejects_a_weight_of_another_dtype_naming_it():
+    with pytest.raises(TypeError, match="masked_linear: `weight` dtype torch.float64 must match `x`"):
+        masked_linear(torch.randn(2, 3), torch.randn(4, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="`bias` dtype"):
+        masked_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, dtype=torch.float64))
