@@ -24,6 +24,8 @@ from torch import nn
 from .compact import plan_model
 from .compact.plan import Space
 from .compact.rules import LayerCost
+from lumos_kernels.hard_concrete import log_alpha_bounds
+
 from .gates import HardConcreteGate, gates_of
 from .nn import FeatureGate
 
@@ -242,13 +244,13 @@ class CostModel:
 
 
 def kept_threshold(gate: HardConcreteGate) -> float:
-    """The ``log_alpha`` above which ``gate``'s eval mask is non-zero: above the upper threshold
-    it is 1; inside the band it is ``z_hat``, non-zero above ``logit(-gamma / (zeta - gamma))``;
-    at or below the lower threshold it is 0."""
-    shift = gate.beta * math.log(-gate.gamma / gate.zeta)
-    logit = lambda t: math.log(t / (1 - t)) if 0 < t < 1 else (-math.inf if t <= 0 else math.inf)  # noqa: E731
-    above_low = max(logit(gate.t_l) + shift, logit(-gate.gamma / (gate.zeta - gate.gamma)))
-    return min(logit(gate.t_u) + shift, above_low)
+    """About the ``log_alpha`` above which ``gate``'s eval mask is non-zero: at or below the lower
+    threshold it is 0; inside the band it is ``z_hat``, non-zero above
+    ``logit(-gamma / (zeta - gamma))``; above the upper threshold it is 1."""
+    closed_max, open_min = log_alpha_bounds(gate.t_l, gate.t_u, gate.beta, gate.gamma, gate.zeta, torch.float64)
+    z_hat_positive = math.log(-gate.gamma / gate.zeta)  # logit(-gamma / (zeta - gamma))
+    above = max(closed_max, z_hat_positive)
+    return above if math.isnan(open_min) else min(open_min, above)
 
 
 def _cat_long(parts: list[torch.Tensor]) -> torch.Tensor:

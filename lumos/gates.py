@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lumos_kernels import hard_concrete
-from lumos_kernels.hard_concrete import BETA, GAMMA, T_LOW, T_UP, ZETA, check_gate_params, p_open
+from lumos_kernels.hard_concrete import (BETA, GAMMA, T_LOW, T_UP, ZETA, check_gate_params, log_alpha_bounds,
+                                         p_open)
 
 LOG_ALPHA_MIN = math.log(1e-2)
 LOG_ALPHA_MAX = math.log(1e2)
@@ -145,8 +146,10 @@ def _any_in_band(log_alpha: torch.Tensor, t_l: float, t_u: float, beta: float, g
     skips the noise then (the reference Philox costs about 600 tensor ops per call); a CUDA
     draw does not ask (it would read back every step, and the fused kernel is one launch), nor
     does a compiled model (a data-dependent branch)."""
-    pi = p_open(log_alpha, beta, gamma, zeta)
-    return bool(((pi > t_l) & (pi <= t_u)).any())
+    closed_max, open_min = log_alpha_bounds(t_l, t_u, beta, gamma, zeta,
+                                            torch.float64 if log_alpha.dtype == torch.float64 else torch.float32)
+    open_min = math.inf if math.isnan(open_min) else open_min  # t_u = 1: no gate is forced open
+    return bool(((log_alpha > closed_max) & (log_alpha < open_min)).any())
 
 
 def _as_signed64(value: int) -> int:
