@@ -1,24 +1,25 @@
 """Train and evaluate a model on a built-in workload, whatever the form of its data.
 
-Tensor-pair workloads go through :func:`lumos.fit` and :func:`lumos.train.evaluate`. Graph
-workloads (batches ``((x, edge_index, edge_attr, batch), y)``) need a multi-input loop that
-``lumos.fit`` does not have yet (issue 10, item 5); :func:`_fit_input_tuples` is that loop,
-with ``fit``'s semantics (Adam with the gate logits at ``gate_lr``, budget controller, best
-epoch within budget restored), until ``fit`` takes tuple inputs.
+Tensor-pair workloads go through :func:`lumos.fit`. Graph workloads yield batches
+``((x, edge_index, edge_attr, batch), y)`` whose inputs do not have one row per sample (nodes
+and edges, not graphs); ``lumos.fit`` checks every input against the target's rows and refuses
+them, so :func:`_fit_graph_batches` runs the same loop from lumos' own pieces
+(:class:`lumos.train.FitLoop`, :class:`lumos.BudgetController`, :func:`lumos.param_groups`) with
+``fit``'s defaults. :func:`lumos.train.evaluate` takes both forms.
 """
 from __future__ import annotations
 
-import copy
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..gates import clamp_gates_, gates_of
-from ..train import BudgetController, History, evaluate, fit, kept_fraction
+from ..train import BudgetController, FitLoop, History, evaluate, fit, param_groups
+from ..train.data import LoaderData
 from ..workloads import Workload
+
+TOLERANCE = 0.02  # lumos.fit's default: an epoch within target + 0.02 counts as within budget
 
 
 @dataclass
@@ -46,74 +47,34 @@ def train(model: nn.Module, work: Workload, epochs: int, *, name: str, seed: int
     if _tensor_pairs(work):
         history = fit(model, work.train, work.val, **settings)
     else:
-        history = _fit_input_tuples(model, work.train, work.val, **settings)
+        history = _fit_graph_batches(model, work.train, work.val, **settings)
     return Phase(name, history, time.perf_counter() - start)
 
 
-@torch.no_grad()
 def evaluate_split(model: nn.Module, work: Workload, split: str = "test") -> float:
     """The workload's metric of ``model`` (eval mode) on ``split``."""
-    data = getattr(work, split)
-    if _tensor_pairs(work):
-        return evaluate(model, data, work.loss_fn, work.metric)[1]
-    return _evaluate_input_tuples(model, data, work.loss_fn, work.metric)[1]
+    return evaluate(model, getattr(work, split), work.loss_fn, work.metric)[1]
 
 
-@torch.no_grad()
-def _evaluate_input_tuples(model: nn.Module, batches, loss_fn, metric) -> tuple[float, float]:
-    was_training = model.training
-    model.eval()
-    preds, targets, total, count = [], [], 0.0, 0
-    for inputs, y in batches:
-        out = model(*inputs)
-        total += float(loss_fn(out, y)) * y.shape[0]
-        count += y.shape[0]
-        preds.append(out)
-        targets.append(y)
-    model.train(was_training)
-    return total / max(count, 1), metric(torch.cat(preds), torch.cat(targets))
+def _fit_graph_batches(model: nn.Module, train, val, *, loss_fn, metric, epochs: int, lr: float, seed: int,
+                       target: float | None = None, cost: str = "params", progress: bool = False,
+                       description: str = "", batch_size: int = 0) -> History:
+    """``lumos.fit(model, train, val, ...)`` for re-iterables of graph batches (see the module docstring)."""
+    from tqdm.auto import tqdm
 
-
-def _fit_input_tuples(model: nn.Module, train, val, *, loss_fn, metric, epochs: int, lr: float, seed: int,
-                      target: float | None = None, cost: str = "params", gate_lr: float = 0.02,
-                      step_size: float = 0.02, tolerance: float = 0.02, **_display) -> History:
-    """``lumos.fit`` for batches whose inputs are a tuple (``model(*inputs)``); see the module docstring."""
     torch.manual_seed(seed)
-    gate_params = [g.log_alpha for _, g in gates_of(model)]
-    gate_ids = {id(p) for p in gate_params}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": lr}]
-    if gate_params:
-        groups.append({"params": gate_params, "lr": gate_lr})
-    optimizer = torch.optim.Adam(groups)
-    controller = BudgetController(model, target, cost, step_size=step_size) if target is not None else None
-    history, best_loss, best_state = History(), math.inf, None
-    for epoch in range(epochs):
-        started = time.perf_counter()
-        model.train()
-        total, count = 0.0, 0
-        for inputs, y in train:
-            loss = loss_fn(model(*inputs), y)
-            total += float(loss.detach()) * y.shape[0]
-            count += y.shape[0]
-            if controller is not None:
-                loss = loss + controller.penalty()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if gate_params:
-                clamp_gates_(model)
-            if controller is not None:
-                controller.update()
-        row = {"epoch": epoch, "train_loss": total / max(count, 1), "seconds": time.perf_counter() - started}
-        if gate_params:
-            row["kept_fraction"] = kept_fraction(model, cost)
-            row["lam"] = controller.lam if controller is not None else 0.0
-        row["val_loss"], row["val_metric"] = _evaluate_input_tuples(model, val, loss_fn, metric)
-        history.epochs.append(row)
-        within_budget = controller is None or row["kept_fraction"] <= target + tolerance
-        if within_budget and row["val_loss"] < best_loss:
-            best_loss, best_state, history.best_epoch = row["val_loss"], copy.deepcopy(model.state_dict()), epoch
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return history
+    if hasattr(model, "gate_sampler"):
+        model.gate_sampler.reseed(seed)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    train_data = LoaderData(train, "lumos.evaluation.train", "train", dtype)
+    controller = None
+    if target is not None:
+        steps = epochs * sum(1 for _ in train)
+        controller = BudgetController(model, target, steps, cost, who="lumos.evaluation.train")
+    loop = FitLoop(model, torch.optim.Adam(param_groups(model, lr)), loss_fn, controller=controller, lam=0.0,
+                   cost=cost, tolerance=TOLERANCE)
+    for _ in tqdm(range(epochs), desc=description, disable=not progress, leave=True):
+        row = loop.run_epoch(train_data, batch_size, None)
+        row["val_loss"], row["val_metric"] = evaluate(model, val, loss_fn, metric)
+        loop.end_epoch(row, row["val_loss"], None)
+    return loop.finish(restore_best=True)
