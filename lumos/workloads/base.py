@@ -7,7 +7,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..metrics import r2_score
+
 SIZES = ("small", "full")
+
+# Workload fields shared by the R2 regression workloads.
+R2_REGRESSION = dict(loss_fn=nn.functional.mse_loss, metric=r2_score, metric_name="R2", higher_is_better=True)
 
 
 @dataclass

@@ -29,9 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..metrics import r2_score
 
-from .base import Workload, fit_defaults, mlp, size_params, split_rows, standardise_table
+from .base import R2_REGRESSION, Workload, fit_defaults, mlp, size_params, split_rows, standardise_table
 
 GAMMA = 1.4
 STATE_NAMES = ["rho_L", "u_L", "p_L", "rho_R", "u_R", "p_R"]
@@ -105,9 +104,7 @@ def load(size: str = "full", *, seed: int = 0, **overrides) -> Workload:
         informative_features=list(STATE_NAMES),
         target_names=list(TARGET_NAMES),
         make_model=make_model,
-        loss_fn=nn.functional.mse_loss,
-        metric=r2_score,
-        metric_name="R2",
+        **R2_REGRESSION,
         fit_defaults=fit_defaults(params),
         stats=stats,
         size=size,

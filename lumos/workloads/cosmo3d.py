@@ -30,8 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..metrics import r2_score
-from .base import Workload, fit_defaults, size_params, split_rows, standardise, uniform
+from .base import R2_REGRESSION, Workload, fit_defaults, size_params, split_rows, standardise, uniform
 from .spectral import gaussian_random_fields, wavenumbers
 
 PRIORS = {"sigma": (0.5, 1.5), "n": (-2.5, -1.0), "b": (1.0, 3.0)}
@@ -118,9 +117,7 @@ def load(size: str = "full", *, seed: int = 0, **overrides) -> Workload:
         informative_features=list(CHANNELS),
         target_names=list(PRIORS),
         make_model=make_model,
-        loss_fn=nn.functional.mse_loss,
-        metric=r2_score,
-        metric_name="R2",
+        **R2_REGRESSION,
         fit_defaults=fit_defaults(params),
         stats=stats,
         feature_dim=1,

@@ -29,8 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..metrics import r2_score
-from .base import Workload, fit_defaults, mlp, size_params, split_rows, standardise_table, uniform
+from .base import R2_REGRESSION, Workload, fit_defaults, mlp, size_params, split_rows, standardise_table, uniform
 
 PHYSICS = {  # name -> uniform range; bond lengths are r0 + displacement
     "D": (2.0, 6.0), "a": (1.5, 2.5), "r0": (1.0, 1.3),
@@ -119,9 +118,7 @@ def load(size: str = "full", *, seed: int = 0, **overrides) -> Workload:
         informative_features=list(FEATURE_NAMES),
         target_names=list(TARGET_NAMES),
         make_model=make_model,
-        loss_fn=nn.functional.mse_loss,
-        metric=r2_score,
-        metric_name="R2",
+        **R2_REGRESSION,
         fit_defaults=fit_defaults(params),
         stats=stats,
         size=size,

@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..metrics import r2_score
 from ..nn import GINConv, GlobalPool
-from .base import Workload, fit_defaults, size_params, standardise
+from .base import R2_REGRESSION, Workload, fit_defaults, size_params, standardise
 from .graphs import GraphSet
 
 ELEMENTS = ["C", "N", "O", "F"]
@@ -176,9 +175,7 @@ def load(size: str = "full", *, seed: int = 0, **overrides) -> Workload:
         informative_features=list(NODE_FEATURES),
         target_names=["enthalpy_per_atom"],
         make_model=make_model,
-        loss_fn=nn.functional.mse_loss,
-        metric=r2_score,
-        metric_name="R2",
+        **R2_REGRESSION,
         fit_defaults=fit_defaults(params),
         stats={"y_mean": y_stats["mean"], "y_scale": y_stats["scale"]},
         size=size,
