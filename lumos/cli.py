@@ -24,13 +24,14 @@ def _workload_lines() -> str:
     return "\n".join(f"  {name.ljust(width)}  {describe(name)}" for name in available())
 
 
-def _add_run_options(parser: argparse.ArgumentParser, default_out: str, default_size: str = "full") -> None:
+def _add_run_options(parser: argparse.ArgumentParser, default_out: str, default_size: str = "full",
+                     sizes=("small", "full")) -> None:
     parser.add_argument("--target", type=float, default=0.2,
                         help="fraction of the dense model's cost to keep, in (0, 1] (default 0.2)")
     parser.add_argument("--cost", choices=("params", "flops", "count"), default="params",
                         help="what the target counts (default params)")
-    parser.add_argument("--size", choices=("small", "full"), default=default_size,
-                        help=f"workload size: small (seconds, for tests) or full (default {default_size})")
+    parser.add_argument("--size", choices=sizes, default=default_size,
+                        help=f"workload size: {', '.join(sizes)} (small: seconds, for tests; default {default_size})")
     parser.add_argument("--epochs", type=int, default=None,
                         help="E: the gated model trains 2E epochs, the dense one 2E + F (the same budget); "
                              "default: the workload's")
@@ -54,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "workload (Euler flux surrogate with distractor inputs), compact, fine-tune, "
                                       "and print kept features, widths, params/FLOPs, test R2, CPU latency, "
                                       "peak memory and training time. Writes report.{md,json} and, with "
-                                      "matplotlib, report.png and training.png.")
-    _add_run_options(demo, "lumos-demo")
+                                      "matplotlib, report.png and training.png. The default size, demo "
+                                      "(10,000 rows, a 256x256 MLP), takes seconds of CPU time; full is "
+                                      "lumos run cfd_flux --size full.")
+    _add_run_options(demo, "lumos-demo", default_size="demo", sizes=("small", "demo", "full"))
     run = sub.add_parser("run", help="the pipeline on a named built-in workload",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
                          description="Dense baseline, gated training to --target, compaction and fine-tuning on "

@@ -1,6 +1,7 @@
-"""The demo pipeline on cfd_flux (full size): budget hit, feature selection, accuracy kept, exact compaction.
+"""The demo pipeline (``lumos demo``: cfd_flux at size ``demo``): budget hit, feature selection,
+accuracy kept, exact compaction.
 
-One run (dense 20 + 25 epochs, gated 40, fine-tune 5; a minute or two on 2 idle cores) serves every test.
+One run (dense 12 + 15 epochs, gated 24, fine-tune 3; 15-30 s of CPU time) serves every test.
 """
 import json
 
@@ -18,7 +19,7 @@ TARGET = 0.2
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return run_workload("cfd_flux", target=TARGET, out_dir=out, progress=False, latency_repeats=5,
+    return run_workload("cfd_flux", size="demo", target=TARGET, out_dir=out, progress=False, latency_repeats=5,
                         log=lambda *a: None), out
 
 

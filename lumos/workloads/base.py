@@ -41,7 +41,8 @@ class Workload:
             to physical units (see each workload's docstring).
         feature_dim: the dimension of the first input that holds the named features (-1 for
             tabular rows and node features, 1 for the channels of fields and images).
-        size: ``"small"`` (tests, CI) or ``"full"`` (real runs).
+        size: ``"small"`` (tests, CI) or ``"full"`` (real runs); ``cfd_flux`` also has ``"demo"``
+            (what ``lumos demo`` runs).
         seed: the seed the data was generated from.
         unit: what one sample is (``"row"``, ``"field"``, ``"image"``, ``"graph"``), for reports.
     """
@@ -80,10 +81,11 @@ class Workload:
         return (data[0][:n],)
 
 
-def check_size(size: str, who: str) -> str:
-    """``size`` if it is ``"small"`` or ``"full"``, else a ValueError naming ``who``."""
-    if size not in SIZES:
-        raise ValueError(f"{who}: `size` must be one of {', '.join(SIZES)}, got {size!r}")
+def check_size(size: str, who: str, sizes=SIZES) -> str:
+    """``size`` if it is one of ``sizes`` (every workload has ``"small"`` and ``"full"``), else a
+    ValueError naming ``who``."""
+    if size not in sizes:
+        raise ValueError(f"{who}: `size` must be one of {', '.join(sizes)}, got {size!r}")
     return size
 
 
@@ -115,7 +117,7 @@ def standardise_table(x: torch.Tensor, y: torch.Tensor, n_train: int) -> tuple[t
 def size_params(sizes: dict[str, dict], size: str, overrides: dict, who: str) -> dict:
     """The parameters of ``size`` from a workload's ``SIZES`` table, updated by ``overrides``
     (each must name a known parameter; None keeps the size's value)."""
-    check_size(size, who)
+    check_size(size, who, tuple(sizes))
     params = dict(sizes[size])
     unknown = sorted(set(overrides) - set(params))
     if unknown:
