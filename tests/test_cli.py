@@ -26,6 +26,16 @@ def test_demo_help_explains_options(capsys):
         assert option in text
 
 
+def test_demo_runs_the_demo_size_by_default_and_run_offers_only_small_and_full():
+    from lumos.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).size == "demo"
+    assert parser.parse_args(["run", "cfd_flux"]).size == "full"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "md_forces", "--size", "demo"])
+
+
 def test_run_help_describes_every_workload_in_one_line(capsys):
     text = " ".join(_help(capsys, "run").split())  # argparse may wrap lines
     for name in workloads.available():

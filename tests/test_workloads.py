@@ -160,8 +160,17 @@ def test_small_workload_shapes_names_finite_and_model_output(name):
 def test_full_size_has_more_data_than_small(name):
     small, full = workloads.SIZES  # ("small", "full")
     module = __import__(f"lumos.workloads.{name}", fromlist=["SIZES"])
-    assert set(module.SIZES) == {small, full}
+    assert {small, full} <= set(module.SIZES) <= {small, full, "demo"}
     assert module.SIZES[full]["n_train"] > module.SIZES[small]["n_train"]
+
+
+def test_cfd_flux_demo_size_sits_between_small_and_full_and_other_workloads_refuse_it():
+    demo = workloads.load("cfd_flux", "demo")
+    assert demo.size == "demo"
+    sizes = [workloads.load("cfd_flux", s).train[0].shape[0] for s in ("small", "demo", "full")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    with pytest.raises(ValueError, match=r"md_forces\.load: `size` must be one of small, full, got 'demo'"):
+        workloads.load("md_forces", "demo")
 
 
 def test_bad_size_and_unknown_argument_are_refused_naming_the_function():
