@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .plan import check_not_meta, plan_model
 from .plan.planner import kept_whole as modules_kept_whole
@@ -75,6 +76,21 @@ def _whole_reason(gm, name: str, calls: Counter) -> str:
     return "named in leaf_modules (kept whole)"
 
 
+def _variant_reason(module: nn.Module) -> str | None:
+    """Why a layer of a gateable kind that is not exactly that type stays ungated (None for
+    others): a parametrized layer (``weight_norm``, ``spectral_norm``) would lose its
+    parametrization in a gated twin; a subclass may compute something else in ``forward``."""
+    if type(module) in GATED_LAYERS or not isinstance(module, tuple(GATED_LAYERS)) \
+            or type(module).__module__.startswith("lumos."):
+        return None
+    if parametrize.is_parametrized(module):
+        names = ", ".join(f"`{name}`" for name in module.parametrizations)
+        return (f"its {names} is parametrized (weight_norm, spectral_norm...), which a gated twin would drop; "
+                "compaction turns it into a plain layer")
+    base = next(t for t in type(module).__mro__ if t in GATED_LAYERS)
+    return f"{type(module).__name__} is a subclass of {base.__name__}; lumos gates only {base.__name__} itself"
+
+
 def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
                    leaf_modules: Iterable) -> tuple[list[str], dict[str, str]]:
     """Which supported layers to gate, and why the others are left alone.
@@ -93,12 +109,16 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
     whole = modules_kept_whole(plan.gm)
     chosen, skipped = [], {}
     for name, module in model.named_modules():
-        if type(module) not in GATED_LAYERS:
+        variant = _variant_reason(module)
+        if type(module) not in GATED_LAYERS and variant is None:
             continue
         parent = next((called for called in calls if name.startswith(called + ".")), None)
         if parent is not None:
             if not isinstance(plan.module_of(parent), PRUNED_INSIDE) or parent in whole:
                 skipped[name] = f"inside `{parent}`, which lumos keeps whole (a leaf module)"
+            continue
+        if variant is not None:
+            skipped[name] = variant
             continue
         if calls.get(name, 0) == 0:
             skipped[name] = "never called in forward (or called inside a leaf module)"
