@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from .plan import check_not_meta, plan_model
 from .plan.planner import kept_whole as modules_kept_whole
+from .plan.record import Whole
 from .plan.trace import has_hooks
 from .model import GatedModel, as_input_tuple
 from .nn import FeatureGate, GatedLinear
@@ -127,6 +128,10 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
             skipped[name] = _whole_reason(plan.gm, name, calls)
             continue
         node = next(n for n in plan.gm.graph.nodes if n.op == "call_module" and n.target == name)
+        if isinstance(records[node], Whole):
+            skipped[name] = ("compaction keeps it whole: lumos has no rule for this configuration or call (e.g. "
+                             "MultiheadAttention with add_bias_kv or add_zero_attn, a conv on an unbatched input)")
+            continue
         space = plan.space_of.get(node)
         if space is not None and bool(plan.kept_mask(space).all()):
             if any(plan.same_group(space, out) for out in outputs):
@@ -168,6 +173,7 @@ class _Plain(GatedModel):
         super().__init__(model, None, feature_dim)
 
 
+@torch.inference_mode(False)  # called in an inference_mode block, the gated model must still train outside one
 def gate(model: nn.Module, example_inputs, *, features: bool = True,
          feature_names: Sequence[str] | None = None, feature_dim: int = -1,
          leaf_modules: Iterable = (), **gate_kwargs) -> GatedModel:

@@ -128,6 +128,16 @@ def self_check(gated: nn.Module, small: nn.Module, flat: fx.GraphModule, b: Buil
                 small_inputs = (first,) + tuple(inputs[1:])
             with torch.no_grad():
                 want = gated(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
+                if inputs is fresh:
+                    again = gated(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
+                    why = disagreement(again, want)
+                    if why is not None:
+                        raise CompactionError(
+                            f"lumos.compact: the gated model in eval mode gives different outputs for the same input "
+                            f"({why}): it is random (dropout called with training=True, as in Monte Carlo dropout; "
+                            "torch.rand in forward), and no compacted model can equal it; make it deterministic in "
+                            "eval mode (F.dropout(x, p, training=self.training)), compact, and add the randomness "
+                            "back around the compacted model")
                 traced = plan.gm(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
                 why = disagreement(traced, want)
                 if why is not None:
