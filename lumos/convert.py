@@ -74,7 +74,10 @@ def _whole_reason(gm, name: str, calls: Counter) -> str:
         return "called more than once per forward (shared weights)"
     if any(n.op == "get_attr" and n.target.startswith(name + ".") for n in gm.graph.nodes):
         return "its weights are also read directly in forward (tied weights)"
-    return "named in leaf_modules (kept whole)"
+    if name in gm.meta.get("lumos_user_leaves", ()):
+        return "named in leaf_modules (kept whole)"
+    return ("compaction keeps it whole: lumos has no rule for this configuration or call (e.g. "
+            "MultiheadAttention with add_bias_kv or add_zero_attn, a conv on an unbatched input)")
 
 
 def _variant_reason(module: nn.Module) -> str | None:
@@ -107,7 +110,8 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
     outputs = [plan.space_of[a] for n in plan.gm.graph.nodes if n.op == "output"
                for a in n.all_input_nodes if a in plan.space_of]
     calls = Counter(node.target for node in plan.gm.graph.nodes if node.op == "call_module")
-    whole = modules_kept_whole(plan.gm)
+    whole = modules_kept_whole(plan.gm) | {n.target for n in plan.gm.graph.nodes
+                                            if n.op == "call_module" and isinstance(records[n], Whole)}
     chosen, skipped = [], {}
     for name, module in model.named_modules():
         variant = _variant_reason(module)
@@ -116,7 +120,9 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
         parent = next((called for called in calls if name.startswith(called + ".")), None)
         if parent is not None:
             if not isinstance(plan.module_of(parent), PRUNED_INSIDE) or parent in whole:
-                skipped[name] = f"inside `{parent}`, which lumos keeps whole (a leaf module)"
+                why = "a leaf module" if parent in plan.gm.meta.get("lumos_user_leaves", ()) \
+                    else _whole_reason(plan.gm, parent, calls)
+                skipped[name] = f"inside `{parent}`, which lumos keeps whole ({why})"
             continue
         if variant is not None:
             skipped[name] = variant
@@ -128,10 +134,6 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
             skipped[name] = _whole_reason(plan.gm, name, calls)
             continue
         node = next(n for n in plan.gm.graph.nodes if n.op == "call_module" and n.target == name)
-        if isinstance(records[node], Whole):
-            skipped[name] = ("compaction keeps it whole: lumos has no rule for this configuration or call (e.g. "
-                             "MultiheadAttention with add_bias_kv or add_zero_attn, a conv on an unbatched input)")
-            continue
         space = plan.space_of.get(node)
         if space is not None and bool(plan.kept_mask(space).all()):
             if any(plan.same_group(space, out) for out in outputs):

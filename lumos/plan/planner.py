@@ -123,7 +123,8 @@ def plan_model(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable 
         gm, feature_dim = trace_gated(gated, leaf_modules)
         functionalize(gm)
         feature_dim = feature_dim if isinstance(gated, GatedModel) else -1
-        alternatives = alternative_inputs(gated, example_inputs, feature_dim) if probe else []
+        fixed_dim = feature_dim if getattr(gated, "feature_gate", None) is not None else None  # else no dim is fixed
+        alternatives = alternative_inputs(gated, example_inputs, fixed_dim) if probe else []
         runs = propagate_shapes(gm, [example_inputs, *alternatives])
     finally:
         gated.train(was_training)

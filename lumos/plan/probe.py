@@ -40,10 +40,10 @@ def _resized(example_inputs: tuple, first_sizes: dict[int, int], generator) -> t
     return tuple(out)
 
 
-def alternative_inputs(run: Callable, example_inputs: tuple, feature_dim: int, seed: int = 0) -> list[tuple]:
+def alternative_inputs(run: Callable, example_inputs: tuple, feature_dim: int | None, seed: int = 0) -> list[tuple]:
     """Input tuples that ``run`` (the model, in eval mode) accepts, shaped unlike ``example_inputs``:
     first another batch size, then also every dim of the first input other than the batch and
-    feature dims doubled (all together, or, where the model refuses that, each alone). Integer
+    feature dims (None: no feature dim) doubled (all together, or, where the model refuses that, each alone). Integer
     inputs are resized the same way (their entries cycled, so category ids stay valid).
     Candidates the model rejects are left out (an empty list is fine: then every input the model
     accepts has the example's shape, up to what it cannot tell; graph indices whose values name
@@ -53,7 +53,7 @@ def alternative_inputs(run: Callable, example_inputs: tuple, feature_dim: int, s
         return []  # unbatched
     generator = torch.Generator().manual_seed(seed)
     batch = next(b for b in ALT_BATCH if b != first.shape[0])
-    feature = feature_dim % first.dim()
+    feature = feature_dim % first.dim() if feature_dim is not None else None
     spatial = {d: 2 * first.shape[d] for d in range(1, first.dim()) if d != feature}
     accepted = [inputs for inputs in [_resized(example_inputs, {0: batch}, generator)] if _accepts(run, inputs)]
     if spatial:
