@@ -24,7 +24,7 @@ from lumos.plan import CompactionError, TraceError, plan_model
 from lumos.plan import table as analysis_table
 from lumos.plan.ops_linear import LinearLayer
 from zoo import randomize_gates
-from zoo_redteam import (CASES, AttentionBiasKV, AttentionWeightsUsed, ItemAssignment, MonteCarloDropout,
+from zoo_redteam import (CASES, AttentionBiasKV, MonteCarloDropout,
                          Parametrized, PositionalEncoding, ReusedLinear, _randn, gate_everything,
                          random_architecture)
 
@@ -342,11 +342,6 @@ def test_model_random_in_eval_is_refused_by_name():
     gated = lumos.gate(MonteCarloDropout(), _randn(8, 6))
     with pytest.raises(CompactionError, match="random .*training=self.training"):
         lumos.compact(gated)
-
-
-def test_item_assignment_is_refused_with_the_workaround():
-    with pytest.raises(TraceError, match="item assignment.*leaf_modules"):
-        lumos.gate(ItemAssignment(), _randn(8, 6))
 
 
 # -- random architectures ----------------------------------------------------------------------------------

@@ -552,7 +552,8 @@ class UpsampleDecoder(nn.Module):
 
 
 class NormZoo(nn.Module):
-    """GroupNorm with several groups, InstanceNorm (affine and not), ``nn.Identity`` skips."""
+    """GroupNorm with several groups, InstanceNorm (affine or not, with running statistics or not),
+    ``nn.Identity`` skips."""
 
     def __init__(self):
         super().__init__()
@@ -562,14 +563,16 @@ class NormZoo(nn.Module):
         self.inorm = nn.InstanceNorm2d(8, affine=True)
         self.c3 = nn.Conv2d(8, 8, 3, padding=1)
         self.inorm_plain = nn.InstanceNorm2d(8)
+        self.c4 = nn.Conv2d(8, 6, 1)
+        self.inorm_stats = nn.InstanceNorm2d(6, affine=True, track_running_stats=True)
         self.skip = nn.Identity()
-        self.head = nn.Conv2d(8, 2, 1)
+        self.head = nn.Conv2d(6, 2, 1)
 
     def forward(self, x):
         h = torch.relu(self.gn(self.c1(x)))
         h = torch.relu(self.inorm(self.c2(h)))
         h = self.skip(h) + torch.relu(self.inorm_plain(self.c3(h)))
-        return self.head(h)
+        return self.head(torch.tanh(self.inorm_stats(self.c4(h))))
 
 
 class CatSequence(nn.Module):
@@ -696,19 +699,6 @@ class MonteCarloDropout(nn.Module):
 
     def forward(self, x):
         return self.b(F.dropout(torch.sigmoid(self.a(x)), 0.2, training=True))
-
-
-class ItemAssignment(nn.Module):
-    """``h[:, 0] = 0.5``: item assignment, which torch.fx cannot trace."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.head = nn.Linear(6, 10), nn.Linear(10, 2)
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        h[:, 0] = 0.5
-        return self.head(h)
 
 
 class TokenSequence(nn.Module):
@@ -1010,10 +1000,12 @@ def random_architecture(seed: int, dtype: torch.dtype = torch.float32) -> Case:
         elif r < 0.35:  # a norm
             if kind == "img":
                 choice = rng.random()
-                if choice < 0.4:
+                if choice < 0.35:
                     norm = nn.BatchNorm2d(c)
-                elif choice < 0.8:
+                elif choice < 0.6:
                     norm = nn.GroupNorm(rng.choice([d for d in range(1, c + 1) if c % d == 0]), c)
+                elif choice < 0.8:
+                    norm = nn.InstanceNorm2d(c, affine=rng.random() < 0.6, track_running_stats=rng.random() < 0.3)
                 else:
                     push("flat_seq", (i,), "seq", c)
                     push("layer", (len(tensors) - 1, layer(_norm_stats(nn.LayerNorm(c), rng))), "seq", c)

@@ -12,7 +12,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from ..plan.ops_io import attr_value
-from ..plan.ops_norm import BatchNormLayer, GroupNormLayer, StatNorm
+from ..plan.ops_norm import BatchNormLayer, GroupNormLayer, InstanceNormLayer, StatNorm
 from ..plan.trace import node_shape
 from .builder import Builder, as64
 from .values import Value
@@ -44,6 +44,25 @@ def build_batch_norm(node: fx.Node, record: BatchNormLayer, b: Builder) -> None:
         scale, shift = scale * as64(module.weight), shift * as64(module.weight) + as64(module.bias)
     value = b.values[x].scaled(scale)
     b.values[node] = value.with_const(value.const + shift)
+
+
+def build_instance_norm(node: fx.Node, record: InstanceNormLayer, b: Builder) -> None:
+    """``nn.InstanceNorm`` with per-sample statistics at the kept channels; a dropped constant
+    channel normalises to 0, so it holds the bias (0 without affine parameters)."""
+    module = b.plan.module(node)
+    kept = b.plan.kept(b.plan.space_of[node])
+    x = node.args[0]
+    if kept.numel() == 0:
+        b.env[node] = b.no_channels(b.env[x], 1)
+    else:
+        new = parametrize.type_before_parametrizations(module)(kept.numel(), eps=module.eps, affine=module.affine,
+                                                              device="meta")
+        if module.affine:
+            new.weight = nn.Parameter(module.weight.detach()[kept].clone())
+            new.bias = nn.Parameter(module.bias.detach()[kept].clone())
+        b.env[node] = b.call_module(node.target, new, b.env[x])
+    size = b.plan.space_of[node].size
+    b.values[node] = Value(as64(module.bias) if module.affine else torch.zeros(size, dtype=torch.float64))
 
 
 def build_group_norm(node: fx.Node, record: GroupNormLayer, b: Builder) -> None:

@@ -27,6 +27,7 @@ BUILDERS: dict[type, BuildFn] = {
     ops_conv.ConvLayer: build_conv.build_conv,
     ops_norm.BatchNormLayer: build_norm.build_batch_norm,
     ops_norm.GroupNormLayer: build_norm.build_group_norm,
+    ops_norm.InstanceNormLayer: build_norm.build_instance_norm,
     ops_norm.StatNorm: build_norm.build_stat_norm,
     ops_elementwise.Elementwise: build_elementwise.build_elementwise,
     ops_pool.PassThrough: build_elementwise.build_pass_through,
