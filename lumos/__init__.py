@@ -11,14 +11,17 @@ should be; :func:`compact` then turns the gated model into a plain, smaller PyTo
 from . import nn
 from .compact import CompactionError, TraceError, compact
 from .convert import gate
-from .gates import HardConcreteGate, clamp_gates_, gates_of
+from .gates import GateSampler, HardConcreteGate, clamp_gates_, gates_of, step_gates_
 from .model import GatedModel
 from .report import Report, report
-from .train import BudgetController, History, NoiseRangeSchedule, fit, kept_fraction, penalty
+from .train import (BudgetController, Callback, History, NoiseRangeSchedule, evaluate, fit, kept_fraction,
+                    min_fraction, param_groups, penalty, train_step)
 
 __all__ = [
     "BudgetController",
+    "Callback",
     "CompactionError",
+    "GateSampler",
     "GatedModel",
     "HardConcreteGate",
     "History",
@@ -27,12 +30,17 @@ __all__ = [
     "TraceError",
     "clamp_gates_",
     "compact",
+    "evaluate",
     "fit",
     "gate",
     "gates_of",
     "kept_fraction",
+    "min_fraction",
     "nn",
+    "param_groups",
     "penalty",
     "report",
+    "step_gates_",
+    "train_step",
 ]
 __version__ = "0.1.0"

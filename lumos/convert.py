@@ -178,7 +178,7 @@ class _Plain(GatedModel):
 @torch.inference_mode(False)  # called in an inference_mode block, the gated model must still train outside one
 def gate(model: nn.Module, example_inputs, *, features: bool = True,
          feature_names: Sequence[str] | None = None, feature_dim: int = -1,
-         leaf_modules: Iterable = (), **gate_kwargs) -> GatedModel:
+         leaf_modules: Iterable = (), mask_seed: int = 0, **gate_kwargs) -> GatedModel:
     """A gated copy of ``model``: L0 gates on the widths of its layers and on its input features.
 
     Every supported layer (``GATED_LAYERS``: ``nn.Linear`` -> :class:`lumos.nn.GatedLinear`...)
@@ -197,8 +197,12 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
         feature_names: names of the input features, for reports.
         feature_dim: the feature dimension of the first input (-1 for tabular data).
         leaf_modules: submodules to treat as opaque (see :func:`lumos.compact`).
+        mask_seed: seed of the gates' noise (:class:`lumos.gates.GateSampler`); the same on every
+            DDP rank by default, whatever torch's RNG state.
         **gate_kwargs: passed to every :class:`lumos.gates.HardConcreteGate` (``t_l``, ``t_u``,
-            ``init_drop_rate``, ``noise_range``...).
+            ``init_drop_rate``, ``noise_range``...). The defaults start every gate open (mask
+            exactly 1), so the gated model computes what ``model`` computes until training
+            closes gates.
 
     Returns:
         A :class:`lumos.GatedModel`; train it with :func:`lumos.penalty` added to the loss (or
@@ -239,6 +243,6 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
             f"lumos.gate: nothing to gate in {type(model).__name__}: "
             + "; ".join(f"{k}: {v}" for k, v in skipped.items())
         )
-    gated = GatedModel(copied, feature_gate, feature_dim, example_inputs, skipped, leaf_modules)
+    gated = GatedModel(copied, feature_gate, feature_dim, example_inputs, skipped, leaf_modules, mask_seed)
     gated.example_inputs = _kept_examples(gated, example_inputs)
     return gated

@@ -5,15 +5,23 @@ Every channel group of the channel plan (see :mod:`lumos.plan.channels`) is aliv
 probability ``q = 1 - prod_g (1 - p_g)`` over the gates ``g`` that produce it (1 when an
 ungated layer produces it). A layer then costs ``E[in] * E[out] * weight_per_pair (+ E[out]
 for the bias)`` parameters and twice that times its output positions in FLOPs per sample,
-where ``E[width]`` sums ``q`` over the channels of its input or output. With the gates' eval masks instead of ``p_open``
-the same formulas give the cost of the compacted model.
+where ``E[width]`` sums ``q`` over the channels of its input or output. With the gates' eval
+masks instead of ``p_open`` the same formulas give the cost of the compacted model.
+
+The structure is flattened once into index tensors, so one evaluation is a fixed handful of
+tensor ops (gathers and ``index_add``) over all gates and layers, whatever their number: the
+penalty runs every training step.
 """
 from __future__ import annotations
 
+import math
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from lumos_kernels.hard_concrete import log_alpha_bounds
 
 from .plan import LayerCost, Space, plan_model
 from .gates import HardConcreteGate, gates_of
@@ -23,44 +31,108 @@ COSTS = ("count", "params", "flops")
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, CostModel]" = weakref.WeakKeyDictionary()
 
 
+class CostEvaluation(NamedTuple):
+    """One vectorised evaluation (:meth:`CostModel.evaluate`); every field stays on the device."""
+
+    expected: torch.Tensor  # 0-dim, differentiable: the cost under every gate's p_open
+    kept: torch.Tensor  # 0-dim float64, no gradient: the cost of the eval masks
+    kept_units: torch.Tensor  # (n_units,) bool: which gate units the eval masks keep
+    in_band: torch.Tensor  # (n_units,) bool: units inside the stochastic band t_l < p_open <= t_u
+
+
 class CostModel:
     """Cost structure of one gated model, built once from its channel plan.
 
     Args:
         gated: a model from :func:`lumos.gate`.
         example_inputs: inputs to trace with (default: the ones kept by :func:`lumos.gate`).
+
+    Attributes:
+        dense: ``{"count", "params", "flops"}`` of the model with every gate open.
+        minimum: the same with every gate closed: the least the gates can reach.
+        whole: qualified name -> parameters, for the modules whose size no gate changes.
     """
 
     def __init__(self, gated: nn.Module, example_inputs=None):
         plan, records = plan_model(gated, example_inputs, who="lumos.penalty")
         self.gates = [gate for _, gate in gates_of(gated)]
-        self._group = plan.group_index()
-        self.n_groups = int(self._group.max()) + 1 if self._group.numel() else 0
-        self._producers: list[tuple[HardConcreteGate, torch.Tensor]] = []
+        starts, total = {}, 0
+        for gate in self.gates:
+            starts[id(gate)] = total
+            total += gate.n
+        self.n_units = total
+        group = plan.group_index()
+        self.n_groups = int(group.max()) + 1 if group.numel() else 0
+        ones_group, ones_unit = self.n_groups, self.n_units  # index of an appended constant 1
+
+        def groups_of(space: Space) -> torch.Tensor:
+            return group[space.start:space.start + space.size]
+
+        def units_of(gate) -> torch.Tensor:
+            return torch.arange(gate.n) + starts[id(gate)]
+
+        producers = [(groups_of(space), units_of(gate)) for space, gate in plan.producer_gates]
+        self._prod_group = _cat_long([g for g, _ in producers])
+        self._prod_unit = _cat_long([u for _, u in producers])
         certain = torch.zeros(self.n_groups, dtype=torch.bool)
-        self.layers: list[tuple[LayerCost, torch.Tensor | None, torch.Tensor]] = []
-        self.fixed_params = 0
-        batch = self._batch(gated, example_inputs)
-        for space, gate in plan.producer_gates:
-            self._producers.append((gate, self._groups(space)))
         for space in plan.certain_spaces:
-            certain[self._groups(space)] = True
+            certain[groups_of(space)] = True
+        self._certain = certain
+        # the usual case, each group produced by at most one gate unit: q is that unit's p (a gather)
+        producers_per_group = torch.bincount(self._prod_group, minlength=self.n_groups)
+        self._single_producer = bool((producers_per_group <= 1).all())
+        producer = torch.full((self.n_groups,), self.n_units, dtype=torch.long)  # n_units: none (p = 0)
+        producer[self._prod_group] = self._prod_unit
+        self._producer = torch.where(certain, self.n_units + 1, producer)  # n_units + 1: certain (p = 1)
+
+        batch = self._batch(gated, example_inputs)
+        out_group, out_layer, in_group, in_unit, in_layer = [], [], [], [], []
+        weight_per_pair, bias, positions = [], [], []
+        self.whole: dict[str, int] = {}
         for node in plan.gm.graph.nodes:
             module = plan.module(node) if node.op == "call_module" else None
             terms = records[node].layer_cost(node, plan)  # a LayerCost, a list of them (attention), or None
             if isinstance(terms, LayerCost):
                 terms = [terms]
             for term in terms or ():
-                term.positions /= batch
-                in_groups = self._groups(term.in_space) if term.in_space is not None else None
-                self.layers.append((term, in_groups, self._groups(term.out_space)))
+                layer = len(weight_per_pair)
+                outs = groups_of(term.out_space)
+                out_group.append(outs)
+                out_layer.append(torch.full_like(outs, layer))
+                ins = groups_of(term.in_space) if term.in_space is not None \
+                    else torch.full((term.in_size,), ones_group, dtype=torch.long)
+                in_group.append(ins)
+                in_unit.append(units_of(term.in_gate) if term.in_gate is not None
+                               else torch.full_like(ins, ones_unit))
+                in_layer.append(torch.full_like(ins, layer))
+                weight_per_pair.append(float(term.weight_per_pair))
+                bias.append(1.0 if term.bias else 0.0)
+                positions.append(term.positions / batch)
             if terms is None and module is not None and not isinstance(module, (FeatureGate, HardConcreteGate)):
-                self.fixed_params += sum(p.numel() for name, p in module.named_parameters()
-                                         if not name.endswith("log_alpha"))
-        self._certain = certain
-        self._moved: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self.dense = {kind: float(self._cost(kind, self._dense_q(), None)) for kind in ("params", "flops")}
-        self.dense["count"] = float(sum(g.n for g in self.gates))
+                count = sum(p.numel() for name, p in module.named_parameters() if not name.endswith("log_alpha"))
+                if count:
+                    self.whole[str(node.target)] = count
+        self.n_layers = len(weight_per_pair)
+        self._out_group, self._out_layer = _cat_long(out_group), _cat_long(out_layer)
+        self._in_group, self._in_unit, self._in_layer = _cat_long(in_group), _cat_long(in_unit), _cat_long(in_layer)
+        self._weight_per_pair = torch.tensor(weight_per_pair, dtype=torch.float64)
+        self._bias = torch.tensor(bias, dtype=torch.float64)
+        self._flops_per_pair = 2 * self._weight_per_pair * torch.tensor(positions, dtype=torch.float64)
+        self._has_in_gates = bool((self._in_unit < self.n_units).any())
+        self.fixed_params = float(sum(self.whole.values()))
+        # p_open = sigmoid(log_alpha - shift) per unit (gates may differ in beta, gamma, zeta)
+        per_unit = lambda value: torch.cat([torch.full((g.n,), value(g), dtype=torch.float64)  # noqa: E731
+                                            for g in self.gates]) if self.gates else torch.zeros(0, dtype=torch.float64)
+        self._shift = per_unit(lambda g: g.beta * math.log(-g.gamma / g.zeta))
+        self._t_low, self._t_up = per_unit(lambda g: g.t_l), per_unit(lambda g: g.t_u)
+        self._kept_above = per_unit(kept_threshold)
+        self._moved: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+        with torch.no_grad():
+            every_group, every_unit = torch.ones(self.n_groups, dtype=torch.float64), torch.ones(self.n_units, dtype=torch.float64)
+            self.dense = {kind: float(self._cost(every_group, every_unit, kind)) for kind in ("params", "flops")}
+            self.minimum = {kind: float(self.actual_tensor(kind, every_unit < 0)) for kind in COSTS}
+        self.dense["count"] = float(self.n_units)
 
     @staticmethod
     def _batch(gated, example_inputs) -> int:
@@ -68,66 +140,119 @@ class CostModel:
         first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
         return first.shape[0] if first.dim() > 1 else 1
 
-    def _groups(self, space: Space) -> torch.Tensor:
-        return self._group[space.start:space.start + space.size]
-
-    def _dense_q(self) -> torch.Tensor:
-        return torch.ones(self.n_groups)
-
-    def _on(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``index`` on ``device``, copied there once (the penalty runs every training step)."""
-        key = (id(index), device)
+    def _on(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Index or constant tensor ``name`` on ``like``'s device (float ones in its dtype),
+        copied there once: the penalty runs every training step."""
+        key = (name, like.device, like.dtype)
         moved = self._moved.get(key)
         if moved is None:
-            moved = self._moved[key] = index.to(device)
+            value = getattr(self, name)
+            moved = value.to(like.device) if not value.is_floating_point() else value.to(like.device, like.dtype)
+            self._moved[key] = moved
         return moved
 
-    def _q(self, deterministic: bool) -> torch.Tensor:
-        """Probability (or, deterministic, indicator) that each channel group is alive."""
-        if deterministic:
-            alive = self._certain.clone()
-            for gate, groups in self._producers:
-                alive[groups[gate.kept().cpu()]] = True
-            return alive.float()
-        if not self._producers:
-            return torch.ones(self.n_groups)
-        first = self._producers[0][0].log_alpha
-        log_closed = torch.zeros(self.n_groups, dtype=first.dtype, device=first.device)
-        for gate, groups in self._producers:
-            p = gate.p_open().clamp(max=1 - 1e-6)
-            log_closed = log_closed.index_add(0, self._on(groups, p.device), torch.log1p(-p).to(log_closed.dtype))
-        q = 1 - torch.exp(log_closed)
-        return torch.where(self._on(self._certain, q.device), torch.ones_like(q), q)
-
-    def _cost(self, kind: str, q: torch.Tensor, deterministic: bool | None) -> torch.Tensor:
-        total = q.new_zeros(())
-        for term, in_groups, out_groups in self.layers:
-            e_out = q[self._on(out_groups, q.device)].sum()
-            in_q = q[self._on(in_groups, q.device)] if in_groups is not None else q.new_ones(term.in_size)
-            if term.in_gate is not None and deterministic is not None:
-                gate = term.in_gate.kept().float() if deterministic else term.in_gate.p_open()
-                in_q = in_q * gate.to(q.device, q.dtype)
-            pairs = in_q.sum() * e_out * term.weight_per_pair
-            if kind == "params":
-                total = total + pairs + (e_out if term.bias else 0)
-            else:
-                total = total + 2 * term.positions * pairs
+    # -- one vectorised evaluation -----------------------------------------------------------
+    def _cost(self, q: torch.Tensor, p_unit: torch.Tensor, kind: str) -> torch.Tensor:
+        """0-dim parameters or FLOPs per sample (``kind``), from ``q`` ``(n_groups,)`` (the
+        probability each channel group is alive) and ``p_unit`` ``(n_units,)`` (each gate unit's
+        probability of being open, for a layer's own input gate); in ``q``'s dtype."""
+        one = q.new_ones(1)
+        q_ext = torch.cat([q, one])  # index n_groups: an input channel no group tracks
+        e_out = q.new_zeros(self.n_layers).index_add(0, self._on("_out_layer", q), q_ext[self._on("_out_group", q)])
+        in_alive = q_ext[self._on("_in_group", q)]
+        if self._has_in_gates:
+            in_alive = in_alive * torch.cat([p_unit, one])[self._on("_in_unit", q)]
+        e_in = q.new_zeros(self.n_layers).index_add(0, self._on("_in_layer", q), in_alive)
+        pairs = e_in * e_out
         if kind == "params":
-            total = total + self.fixed_params
-        return total
+            return (pairs * self._on("_weight_per_pair", q)).sum() + (e_out * self._on("_bias", q)).sum() \
+                + self.fixed_params
+        return (pairs * self._on("_flops_per_pair", q)).sum()
+
+    def _flat_log_alpha(self) -> torch.Tensor:
+        logits = [g.log_alpha for g in self.gates]
+        return torch.cat(logits) if len(logits) > 1 else logits[0]
+
+    def p_open(self) -> torch.Tensor:
+        """``(n_units,)`` every gate unit's ``p_open``, differentiable, in gate order."""
+        log_alpha = self._flat_log_alpha()
+        return torch.sigmoid(log_alpha - self._on("_shift", log_alpha))
+
+    @torch.no_grad()
+    def soft_kept(self, kind: str, temperature: float = 0.5) -> torch.Tensor:
+        """0-dim cost (no gradient) with each unit counted ``sigmoid((log_alpha - threshold) /
+        temperature)``, ``threshold`` the logit above which its eval mask keeps it: the cost of
+        the eval masks, smoothed, so that it moves as soon as the gates move."""
+        log_alpha = self._flat_log_alpha().detach().double()
+        soft = torch.sigmoid((log_alpha - self._on("_kept_above", log_alpha)) / temperature)
+        return self._expected(soft, kind)
+
+    @torch.no_grad()
+    def kept_units(self) -> torch.Tensor:
+        """``(n_units,)`` bool: which gate units the eval masks keep, in gate order."""
+        sampler = self.gates[0].sampler
+        if sampler.gates == self.gates:  # a GatedModel's gates: one sampling call
+            return sampler.flat_masks(False) > 0
+        return torch.cat([g.kept() for g in self.gates])
+
+    def _q_expected(self, p: torch.Tensor) -> torch.Tensor:
+        if self._single_producer:
+            return torch.cat([p, p.new_tensor([0.0, 1.0])])[self._on("_producer", p)]
+        log_closed = torch.log1p(-p.clamp(max=1 - 1e-6))
+        closed = p.new_zeros(self.n_groups).index_add(0, self._on("_prod_group", p),
+                                                      log_closed[self._on("_prod_unit", p)])
+        return torch.where(self._on("_certain", p), 1.0, -torch.expm1(closed))
+
+    def _q_actual(self, kept: torch.Tensor) -> torch.Tensor:
+        live = kept.new_zeros(self.n_groups).index_add(0, self._on("_prod_group", kept),
+                                                       kept[self._on("_prod_unit", kept)])
+        return ((live > 0) | self._on("_certain", kept)).to(kept.dtype)
+
+    def evaluate(self, kind: str) -> CostEvaluation:
+        """Both costs, expected (differentiable, under ``p_open``) and actual (the eval masks),
+        with the units they came from."""
+        p = self.p_open()
+        kept_units = self.kept_units()
+        with torch.no_grad():
+            in_band = (p > self._on("_t_low", p)) & (p <= self._on("_t_up", p))
+        return CostEvaluation(self._expected(p, kind), self.actual_tensor(kind, kept_units), kept_units, in_band)
+
+    def _expected(self, p: torch.Tensor, kind: str) -> torch.Tensor:
+        if kind == "count":
+            return p.sum()
+        return self._cost(self._q_expected(p), p, kind)
 
     def expected(self, kind: str) -> torch.Tensor:
-        """Differentiable expected cost under the gates' ``p_open``."""
+        """Differentiable expected cost under the gates' ``p_open``, in the gates' dtype."""
+        return self._expected(self.p_open(), kind)
+
+    @torch.no_grad()
+    def actual_tensor(self, kind: str, kept_units: torch.Tensor) -> torch.Tensor:
+        """0-dim float64 cost (exact counts) of the model that keeps ``kept_units`` (bool, in
+        gate order)."""
+        kept = kept_units.double()
         if kind == "count":
-            return sum(g.p_open().sum() for g in self.gates)
-        return self._cost(kind, self._q(False), False)
+            return kept.sum()
+        return self._cost(self._q_actual(kept), kept, kind)
 
     @torch.no_grad()
     def actual(self, kind: str) -> float:
         """Cost with the eval masks (what compaction keeps, before downstream-liveness pruning)."""
-        if kind == "count":
-            return float(sum(int(g.kept().sum()) for g in self.gates))
-        return float(self._cost(kind, self._q(True), True))
+        return float(self.actual_tensor(kind, self.kept_units()))
+
+
+def kept_threshold(gate: HardConcreteGate) -> float:
+    """About the ``log_alpha`` above which ``gate``'s eval mask is non-zero: at or below the lower
+    threshold it is 0; inside the band it is ``z_hat``, non-zero above
+    ``logit(-gamma / (zeta - gamma))``; above the upper threshold it is 1."""
+    closed_max, open_min = log_alpha_bounds(gate.t_l, gate.t_u, gate.beta, gate.gamma, gate.zeta, torch.float64)
+    z_hat_positive = math.log(-gate.gamma / gate.zeta)  # logit(-gamma / (zeta - gamma))
+    above = max(closed_max, z_hat_positive)
+    return above if math.isnan(open_min) else min(open_min, above)
+
+
+def _cat_long(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.long)
 
 
 def cost_model(gated: nn.Module) -> CostModel:

@@ -1,24 +1,160 @@
-"""Learnable L0 gates: the hard-concrete distribution with semi-stochastic thresholds."""
+"""Learnable L0 gates: the hard-concrete distribution with semi-stochastic thresholds, and
+lumos' own generator of gate noise (:class:`GateSampler`)."""
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from lumos_kernels import hard_concrete
-from lumos_kernels.hard_concrete import BETA, GAMMA, T_LOW, T_UP, ZETA, check_gate_params, p_open
+from lumos_kernels.hard_concrete import (BETA, GAMMA, T_LOW, T_UP, ZETA, check_gate_params, log_alpha_bounds,
+                                         p_open)
 
 LOG_ALPHA_MIN = math.log(1e-2)
 LOG_ALPHA_MAX = math.log(1e2)
+# Gates start open: log_alpha = log(1 - p) - log(p) = log 9 puts p_open at 0.978, above t_u, so
+# every mask is exactly 1 and a gated pretrained model computes what the user's model computes.
+# The penalty walks a gate into the stochastic band only after the network has trained densely
+# for a while (README, "The gates", has the experiment that chose this).
+INIT_DROP_RATE = 0.1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
 
 
-def _new_seed() -> torch.Tensor:
-    """A Philox key from torch's global RNG: ``torch.manual_seed`` (same on every DDP rank) fixes it.
+def _mix64(value: int) -> int:
+    """SplitMix64 finaliser: a bijection of 64-bit ints that scatters neighbouring inputs."""
+    value = (value + _GOLDEN) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
 
-    A tensor, not an int, so that ``torch.compile`` keeps the draw in its graph.
+
+def noise_key(seed: int, step: int) -> int:
+    """The 64-bit Philox key of training step ``step`` under ``seed`` (a pure function)."""
+    return _mix64((int(seed) & _MASK64) ^ _mix64(int(step)))
+
+
+class GateSampler:
+    """lumos' generator of gate noise for one set of gates (all the gates of a gated model).
+
+    A training mask is a pure function of ``(log_alpha, seed, step, offset)``: gate unit ``i``
+    of a gate bound at ``offset`` draws its uniform from Philox keyed by
+    :func:`noise_key` ``(seed, step)`` at counter ``offset + i``. Calling the model twice in a
+    step, or recomputing a layer under activation checkpointing, gives the same mask; every
+    DDP rank with the same ``seed`` and ``step`` draws the same masks without sharing torch's
+    RNG state. :meth:`advance` moves to the next step (:func:`step_gates_` calls it after each
+    optimiser step). The state to checkpoint is :meth:`state_dict` (``seed`` and ``step``).
+
+    While a :class:`lumos.GatedModel` runs ``forward``, ``current`` holds that call's masks of
+    every gate, drawn in one :func:`lumos_kernels.hard_concrete` call per set of shared gate
+    hyper-parameters; outside a forward it is None and a gate draws its own mask (the same
+    numbers).
+
+    Args:
+        seed: any int (default 0).
+        gates: the gates to bind, in the order that fixes their offsets.
     """
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+    def __init__(self, seed: int = 0, gates: Iterable["HardConcreteGate"] = ()):
+        self.gates: list[HardConcreteGate] = []
+        self._plan: list[tuple[tuple, list[int]]] | None = None  # (hyper-parameters, gate indices)
+        self.current: dict[int, torch.Tensor] | None = None
+        self.seed, self.step = int(seed), 0
+        self._key = torch.tensor(0, dtype=torch.int64)
+        self.reseed(seed)
+        for gate in gates:
+            self.bind(gate)
+
+    # -- noise state -------------------------------------------------------------------------
+    def reseed(self, seed: int, step: int = 0) -> None:
+        """Restart the noise sequence at ``step`` of ``seed``."""
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"GateSampler: `seed` must be an int, got {type(seed).__name__}")
+        self.seed, self.step = seed, int(step)
+        self._key = torch.tensor(_as_signed64(noise_key(self.seed, self.step)), dtype=torch.int64)
+
+    def advance(self) -> None:
+        """Move to the next training step's noise."""
+        self.reseed(self.seed, self.step + 1)
+
+    @property
+    def key(self) -> torch.Tensor:
+        """This step's Philox key, a 0-dim int64 tensor (a tensor so that a compiled model
+        reads it without recompiling each step)."""
+        return self._key
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reseed(int(state["seed"]), int(state["step"]))
+
+    # -- gates -------------------------------------------------------------------------------
+    def bind(self, gate: "HardConcreteGate") -> None:
+        """Draw ``gate``'s noise from this sampler, at the next free offset."""
+        offset = sum(g.n for g in self.gates)
+        gate._sampler, gate._index, gate.offset = self, len(self.gates), offset
+        self.gates.append(gate)
+        self._plan = None
+
+    def invalidate(self) -> None:
+        """Forget the grouping of gates into sampling calls (a gate's ``noise_range`` changed)."""
+        self._plan = None
+
+    def _groups(self) -> list[tuple[tuple, list[int]]]:
+        """Gates that can share one sampling call: same hyper-parameters and contiguous offsets."""
+        if self._plan is None:
+            plan: list[tuple[tuple, list[int]]] = []
+            for index, gate in enumerate(self.gates):
+                if plan and plan[-1][0] == gate._hyper():
+                    plan[-1][1].append(index)
+                else:
+                    plan.append((gate._hyper(), [index]))
+            self._plan = plan
+        return self._plan
+
+    def _draw_groups(self, training: bool):
+        """``(gate indices, their masks in one flat tensor)`` per sampling call."""
+        for (t_l, t_u, beta, gamma, zeta, noise_range), members in self._groups():
+            gates = [self.gates[i] for i in members]
+            flat = torch.cat([g.log_alpha for g in gates]) if len(gates) > 1 else gates[0].log_alpha
+            noisy = training and (flat.is_cuda or torch.compiler.is_compiling()
+                                  or _any_in_band(flat, t_l, t_u, beta, gamma, zeta))
+            yield members, hard_concrete(flat, seed=self._key if noisy else 0, offset=gates[0].offset,
+                                         training=noisy, t_l=t_l, t_u=t_u, beta=beta, gamma=gamma,
+                                         zeta=zeta, noise_range=noise_range)
+
+    def draw(self, training: bool) -> dict[int, torch.Tensor]:
+        """Every bound gate's mask for this step (training) or its eval mask, by gate index."""
+        masks: dict[int, torch.Tensor] = {}
+        for members, flat in self._draw_groups(training):
+            masks.update(zip(members, flat.split([self.gates[i].n for i in members])))
+        return masks
+
+    def flat_masks(self, training: bool) -> torch.Tensor:
+        """Every bound gate's mask concatenated in binding order (one call per group)."""
+        flats = [flat for _, flat in self._draw_groups(training)]
+        return torch.cat(flats) if len(flats) > 1 else flats[0]
+
+
+@torch.no_grad()
+def _any_in_band(log_alpha: torch.Tensor, t_l: float, t_u: float, beta: float, gamma: float, zeta: float) -> bool:
+    """Whether any gate is inside the stochastic band ``t_l < p_open <= t_u``. Outside it the
+    mask is exactly 0 or 1 whatever the noise, with no gradient in either mode, so a CPU draw
+    skips the noise then (the reference Philox costs about 600 tensor ops per call); a CUDA
+    draw does not ask (it would read back every step, and the fused kernel is one launch), nor
+    does a compiled model (a data-dependent branch)."""
+    closed_max, open_min = log_alpha_bounds(t_l, t_u, beta, gamma, zeta,
+                                            torch.float64 if log_alpha.dtype == torch.float64 else torch.float32)
+    open_min = math.inf if math.isnan(open_min) else open_min  # t_u = 1: no gate is forced open
+    return bool(((log_alpha > closed_max) & (log_alpha < open_min)).any())
+
+
+def _as_signed64(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= (1 << 63) else value
 
 
 class HardConcreteGate(nn.Module):
@@ -33,6 +169,8 @@ class HardConcreteGate(nn.Module):
 
     where ``z`` is a hard-concrete sample in training and ``z_hat`` in eval. The same
     thresholds apply in both modes, so the eval model is the model that was trained.
+    The training sample is a pure function of ``log_alpha`` and of this gate's
+    :class:`GateSampler` (seed, step) and ``offset``: see :class:`GateSampler`.
 
     Args:
         n: number of gates.
@@ -41,8 +179,10 @@ class HardConcreteGate(nn.Module):
             plain hard-concrete gate of Louizos et al.
         beta, gamma, zeta: temperature (2/3) and stretch interval (-0.1, 1.1).
         init_drop_rate: initial probability ``p`` of dropping a unit; ``log_alpha`` starts at
-            ``log(1 - p) - log(p)`` plus N(0, ``init_noise``) noise (LUMOS reference: 0.5, 0.01).
-        init_noise: standard deviation of that noise.
+            ``log(1 - p) - log(p)`` plus N(0, ``init_noise``) noise. Default 0.1: ``p_open``
+            0.978, above ``t_u``, so every gate starts exactly 1 (LUMOS reference: 0.5, which
+            starts every gate inside the stochastic band).
+        init_noise: standard deviation of that noise (0.01).
         noise_range: ``u ~ U(r, 1 - r)`` in training (LUMOS reference code's annealed variant;
             0 = full noise, 0.5 = non-random: ``sigmoid(log_alpha / beta)``, as in that code,
             which is not ``z_hat``). Change it during training with
@@ -54,21 +194,24 @@ class HardConcreteGate(nn.Module):
     """
 
     def __init__(self, n: int, *, t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA,
-                 gamma: float = GAMMA, zeta: float = ZETA, init_drop_rate: float = 0.5,
+                 gamma: float = GAMMA, zeta: float = ZETA, init_drop_rate: float = INIT_DROP_RATE,
                  init_noise: float = 0.01, noise_range: float = 0.0, device=None):
         super().__init__()
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"HardConcreteGate: `n` must be a positive int, got {n!r}")
         if not 0.0 < init_drop_rate < 1.0:
             raise ValueError(f"HardConcreteGate: `init_drop_rate` must be in (0, 1), got {init_drop_rate}")
+        if not (math.isfinite(init_noise) and init_noise >= 0):
+            raise ValueError(f"HardConcreteGate: `init_noise` must be a finite standard deviation >= 0, "
+                             f"got {init_noise}")
         check_gate_params(t_l, t_u, beta, gamma, zeta, noise_range)
         self.n = n
         self.t_l, self.t_u = float(t_l), float(t_u)
         self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
         self.init_drop_rate, self.init_noise = float(init_drop_rate), float(init_noise)
-        self.noise_range = float(noise_range)
+        self._noise_range = float(noise_range)
         self.log_alpha = nn.Parameter(torch.empty(n, dtype=torch.float32, device=device))
-        self._pending: torch.Tensor | None = None  # this step's mask, drawn by sample_gates()
+        GateSampler(0, [self])  # its own noise until a GatedModel binds it to the model's sampler
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -76,30 +219,39 @@ class HardConcreteGate(nn.Module):
         with torch.no_grad():
             self.log_alpha.normal_(math.log(1 - p) - math.log(p), self.init_noise)
 
-    def _sample(self, training: bool) -> torch.Tensor:
-        return hard_concrete(self.log_alpha, seed=_new_seed() if training else 0, offset=0,
-                             training=training, t_l=self.t_l, t_u=self.t_u, beta=self.beta,
-                             gamma=self.gamma, zeta=self.zeta, noise_range=self.noise_range)
+    @property
+    def sampler(self) -> GateSampler:
+        """The :class:`GateSampler` this gate draws its training noise from."""
+        return self._sampler
 
-    def forward(self) -> torch.Tensor:
-        """The mask: a fresh sample in training mode, :meth:`eval_mask` in eval mode.
+    @property
+    def noise_range(self) -> float:
+        return self._noise_range
 
-        Inside a :class:`lumos.GatedModel` the training mask is drawn once per step for the
-        whole model (:func:`sample_gates`) and every call in that step returns it: a layer
-        called twice, or recomputed by activation checkpointing, sees the same mask.
-        """
-        if self.training and self._pending is not None:
-            return self._pending
-        return self._sample(self.training)
-
-    def train(self, mode: bool = True) -> "HardConcreteGate":
-        if not mode:
-            self._pending = None
-        return super().train(mode)
+    @noise_range.setter
+    def noise_range(self, value: float) -> None:
+        check_gate_params(self.t_l, self.t_u, self.beta, self.gamma, self.zeta, value)
+        self._noise_range = float(value)
+        self._sampler.invalidate()
 
     def _hyper(self) -> tuple:
-        return (self.t_l, self.t_u, self.beta, self.gamma, self.zeta, self.noise_range,
-                self.log_alpha.device, self.log_alpha.dtype)
+        return (self.t_l, self.t_u, self.beta, self.gamma, self.zeta, self._noise_range)
+
+    def _sample(self, training: bool) -> torch.Tensor:
+        return hard_concrete(self.log_alpha, seed=self._sampler.key if training else 0, offset=self.offset,
+                             training=training, t_l=self.t_l, t_u=self.t_u, beta=self.beta,
+                             gamma=self.gamma, zeta=self.zeta, noise_range=self._noise_range)
+
+    def forward(self) -> torch.Tensor:
+        """The mask: this step's sample in training mode, :meth:`eval_mask` in eval mode.
+
+        Inside a :class:`lumos.GatedModel`'s forward the mask comes from the model's one
+        sampling call; otherwise it is drawn here, with the same numbers.
+        """
+        current = self._sampler.current
+        if current is not None:
+            return current[self._index]
+        return self._sample(self.training)
 
     def p_open(self) -> torch.Tensor:
         """``(n,)`` differentiable probability that each gate is non-zero (the expected L0)."""
@@ -133,26 +285,39 @@ def gates_of(model: nn.Module) -> list[tuple[str, HardConcreteGate]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, HardConcreteGate)]
 
 
-def sample_gates(gates: list[HardConcreteGate]) -> None:
-    """Draw this training step's masks of all ``gates`` in one op call (one kernel launch on
-    CUDA) per set of shared hyper-parameters; each gate's next ``forward()`` returns its part.
-
-    The logits are concatenated into one flat buffer, the layout the fused Triton sampler
-    expects; gradients flow back to each gate's ``log_alpha`` through the concatenation.
-    """
-    groups: dict[tuple, list[HardConcreteGate]] = {}
-    for gate in gates:
-        if gate.training:
-            groups.setdefault(gate._hyper(), []).append(gate)
-    for (t_l, t_u, beta, gamma, zeta, noise_range, _, _), members in groups.items():
-        flat = torch.cat([g.log_alpha for g in members]) if len(members) > 1 else members[0].log_alpha
-        masks = hard_concrete(flat, seed=_new_seed(), offset=0, training=True, t_l=t_l, t_u=t_u,
-                              beta=beta, gamma=gamma, zeta=zeta, noise_range=noise_range)
-        for gate, mask in zip(members, masks.split([g.n for g in members])):
-            gate._pending = mask
+def model_sampler(model: nn.Module) -> GateSampler | None:
+    """The sampler of a :class:`lumos.GatedModel` (or of one wrapped in DDP), else None."""
+    sampler = getattr(model, "gate_sampler", None)
+    if sampler is None and isinstance(getattr(model, "module", None), nn.Module):
+        sampler = getattr(model.module, "gate_sampler", None)
+    return sampler if isinstance(sampler, GateSampler) else None
 
 
+def gate_logits(model: nn.Module) -> list[nn.Parameter]:
+    """The ``log_alpha`` parameters of every gate in ``model`` (a GatedModel's list is cached)."""
+    sampler = model_sampler(model)
+    gates = sampler.gates if sampler is not None else [g for _, g in gates_of(model)]
+    return [g.log_alpha for g in gates]
+
+
+@torch.no_grad()
 def clamp_gates_(model: nn.Module) -> None:
-    """Clamp every gate's ``log_alpha`` in ``model`` (what :func:`lumos.fit` does after each step)."""
-    for _, gate in gates_of(model):
-        gate.clamp_()
+    """Clamp every gate's ``log_alpha`` in ``model`` into [log 1e-2, log 1e2], in one call."""
+    logits = gate_logits(model)
+    if logits:
+        torch._foreach_clamp_min_(logits, LOG_ALPHA_MIN)
+        torch._foreach_clamp_max_(logits, LOG_ALPHA_MAX)
+
+
+def step_gates_(model: nn.Module) -> None:
+    """Finish a training step's gate bookkeeping; call after ``optimizer.step()``.
+
+    Clamps every ``log_alpha`` into [log 1e-2, log 1e2] (:func:`clamp_gates_`) and moves the
+    gates' :class:`GateSampler` to the next step's noise. (:meth:`lumos.BudgetController.step`
+    calls it.)
+    """
+    clamp_gates_(model)
+    sampler = model_sampler(model)
+    samplers = [sampler] if sampler is not None else {id(g.sampler): g.sampler for _, g in gates_of(model)}.values()
+    for each in samplers:
+        each.advance()

@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .gates import gates_of, sample_gates
+from .gates import GateSampler, gates_of
 from .nn import FeatureGate
 
 
@@ -46,11 +46,13 @@ class GatedModel(nn.Module):
         skipped: qualified name -> reason, for layers left ungated.
         leaf_modules: the ``leaf_modules`` given to :func:`lumos.gate`, reused by
             :func:`lumos.compact`, :func:`lumos.report` and the penalty.
+        gate_sampler: the :class:`lumos.gates.GateSampler` every gate draws its noise from
+            (seed ``mask_seed``); :func:`lumos.step_gates_` advances it after each optimiser step.
     """
 
     def __init__(self, model: nn.Module, feature_gate: FeatureGate | None, feature_dim: int = -1,
                  example_inputs: Sequence[torch.Tensor] = (), skipped: dict[str, str] | None = None,
-                 leaf_modules: Sequence = ()):
+                 leaf_modules: Sequence = (), mask_seed: int = 0):
         super().__init__()
         self.model = model
         self.feature_gate = feature_gate
@@ -58,13 +60,19 @@ class GatedModel(nn.Module):
         self.example_inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in example_inputs)
         self.skipped = dict(skipped or {})
         self.leaf_modules = tuple(leaf_modules)
+        self.gate_sampler = GateSampler(mask_seed, (gate for _, gate in gates_of(self)))
 
     def forward(self, x, *args, **kwargs):
-        if self.training:
-            sample_gates([g for _, g in gates_of(self)])  # one sampling call for the whole model
-        if self.feature_gate is not None:
-            x = self.feature_gate(x)
-        return self.model(x, *args, **kwargs)
+        # One sampling call draws every gate's mask for this call; the gates read it while the
+        # model runs. Outside this call (checkpointed recomputation) a gate draws the same mask.
+        sampler = self.gate_sampler
+        sampler.current = sampler.draw(self.training) if sampler.gates else None
+        try:
+            if self.feature_gate is not None:
+                x = self.feature_gate(x)
+            return self.model(x, *args, **kwargs)
+        finally:
+            sampler.current = None
 
     @property
     def feature_names(self) -> list[str] | None:

@@ -23,7 +23,8 @@ def triton_backend(monkeypatch):
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module of tiny models: faster, and immune to a busy machine's
-    OpenMP stalls (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    OpenMP stalls: two threads on a busy 2-core machine spent most of their time
+    waiting on each other, 12x the wall time of one (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

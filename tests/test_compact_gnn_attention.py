@@ -303,7 +303,9 @@ def test_gated_mha_unbatched_and_per_head_weights_equal_torch():
 
 def test_gated_mha_gradients_reach_every_gate():
     torch.manual_seed(0)
-    gated = GatedMultiheadAttention(16, 4, batch_first=True).train()
+    # gates inside the stochastic band (drop rate 0.5): a gate that starts open (the default) is
+    # exactly 1 and gets no task gradient until the penalty moves it into the band
+    gated = GatedMultiheadAttention(16, 4, batch_first=True, init_drop_rate=0.5).train()
     x = torch.randn(2, 5, 16)
     gated(x, x, x)[0].square().sum().backward()
     for name, gate in lumos.gates_of(gated):
@@ -377,8 +379,9 @@ def test_gated_gine_aggregation_closed_columns_are_zero_and_gates_get_gradients(
         aggr.column_gate.log_alpha.copy_(torch.tensor([OPEN, CLOSED, 0.0, OPEN, CLOSED, 0.2]))
     out = aggr.eval()(x, edge_index, edge_attr)
     assert out[:, [1, 4]].abs().sum() == 0 and out[:, [0, 3]].abs().sum() > 0
-    for _ in range(4):  # a sample may sit on a clamp (zero gradient): accumulate a few
+    for _ in range(4):  # a sample may sit on a clamp (zero gradient): accumulate a few steps' samples
         aggr.train()(x, edge_index, edge_attr).square().sum().backward()
+        lumos.step_gates_(aggr)  # the next step's noise
     grad = aggr.column_gate.log_alpha.grad
     assert (grad[[2, 5]] != 0).all() and (grad[[0, 1, 3, 4]] == 0).all()  # only gates in the band learn from the task
 

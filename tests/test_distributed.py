@@ -25,23 +25,27 @@ def _free_port() -> int:
 def _train(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    torch.manual_seed(0)  # the same seed on every rank: same weights, same gate draws
+    torch.manual_seed(0)  # the same weights on every rank; gate masks come from lumos' own generator
     model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
     x_all = torch.randn(256, 6)
     y_all = x_all[:, :2].sum(1, keepdim=True)
     gated = lumos.gate(model, x_all[:8])
+    with torch.no_grad():
+        for _, gate in lumos.gates_of(gated):
+            gate.log_alpha.uniform_(-2.0, 2.0)  # inside the band: the masks are random draws
     ddp = nn.parallel.DistributedDataParallel(gated)
     optimizer = torch.optim.Adam(ddp.parameters(), lr=0.02)
     masks = []  # every mask every gate draws, in order
     for _, gate in lumos.gates_of(gated):
         gate.register_forward_hook(lambda module, args, mask: masks.append(mask.detach().clone()))
+    torch.manual_seed(1000 + rank)  # torch's RNG now differs between ranks: the masks must not
     for step in range(30):
         x, y = x_all[rank::WORLD], y_all[rank::WORLD]  # each rank its own shard of the data
         loss = nn.functional.mse_loss(ddp(x), y) + 0.5 * lumos.penalty(gated, "params", normalize=True)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        lumos.clamp_gates_(gated)
+        lumos.step_gates_(gated)  # clamp, and the next step's gate noise
     compacted = lumos.compact(gated)
     torch.save({"state": gated.state_dict(), "compacted": compacted.state_dict(), "masks": masks,
                 "out": compacted(x_all).detach()}, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -1,5 +1,6 @@
 """HardConcreteGate, GatedLinear and FeatureGate: semantics, parameters, errors, serialisation."""
 import io
+import math
 
 import pytest
 import torch
@@ -8,19 +9,26 @@ from torch import nn
 import lumos
 from lumos.gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGate
 from lumos.nn import FeatureGate, GatedLinear
+from zoo import mlp_zoo
 
 
-def test_gate_defaults_match_design():
-    gate = HardConcreteGate(5)
+def test_gate_defaults_start_open_with_mask_exactly_one():
+    gate = HardConcreteGate(50)
     assert (gate.t_l, gate.t_u, gate.beta, gate.gamma, gate.zeta) == (0.05, 0.95, 2 / 3, -0.1, 1.1)
-    # log(1 - 0.5) - log(0.5) = 0 plus N(0, 0.01) noise
-    assert gate.log_alpha.abs().max() < 0.1
+    # log(1 - 0.1) - log(0.1) = log 9 plus N(0, 0.01) noise: p_open about 0.978, above t_u
+    torch.testing.assert_close(gate.log_alpha.detach(), torch.full((50,), math.log(9.0)), atol=0.05, rtol=0)
+    assert (gate.p_open() > gate.t_u).all()
+    assert torch.equal(gate(), torch.ones(50)) and torch.equal(gate.eval()(), torch.ones(50))
 
 
-def test_gate_training_samples_vary_eval_is_fixed():
+def test_gate_training_mask_is_fixed_within_a_step_and_new_after_it():
     gate = HardConcreteGate(200)
+    with torch.no_grad():
+        gate.log_alpha.zero_()  # inside the stochastic band
     a, b = gate(), gate()
-    assert not torch.equal(a, b)
+    assert torch.equal(a, b)  # the same step: the same mask
+    gate.sampler.advance()
+    assert not torch.equal(gate(), a)
     gate.eval()
     assert torch.equal(gate(), gate())
     torch.testing.assert_close(gate(), gate.eval_mask())
@@ -121,27 +129,116 @@ def test_16_bit_gated_linear_trains_with_fp32_gates(dtype):
     assert layer.in_gate.log_alpha.grad.dtype == torch.float32
 
 
-def test_mask_is_drawn_once_per_step_so_checkpointing_recomputes_the_same():
-    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1))
-    x = torch.randn(8, 5)
-    gated = lumos.gate(model, x).train()
-    layer = gated.model[0]
+def _band_gated_mlp(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    gated = lumos.gate(model, torch.randn(8, 5)).train()
+    with torch.no_grad():
+        for _, gate in lumos.gates_of(gated):
+            gate.log_alpha.uniform_(-2.0, 2.0)  # inside the band: masks are random
+    return model, gated
 
-    def run(checkpointed: bool):
+
+def test_activation_checkpointing_recomputes_the_same_mask():
+    _, gated = _band_gated_mlp()
+    x = torch.randn(8, 5)
+    grads = []
+    for checkpointed in (False, True):
         gated.zero_grad()
-        torch.manual_seed(3)
         if checkpointed:
-            lumos.gates.sample_gates([g for _, g in lumos.gates_of(gated)])
+            def run(h):
+                return gated.model(h)
             h = gated.feature_gate(x)
-            h = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False)
-            out = gated.model[2](torch.relu(h))
+            out = torch.utils.checkpoint.checkpoint(run, h, use_reentrant=False)  # recomputed in backward
         else:
             out = gated(x)
-        out.sum().backward()
-        return {n: p.grad.clone() for n, p in gated.named_parameters()}
+        out.square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in gated.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
-    plain, checkpointed = run(False), run(True)
-    for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
-    first, second = layer.out_gate(), layer.out_gate()
-    assert torch.equal(first, second)  # a second call in the same step: the same mask
+
+def test_two_forward_calls_in_one_step_share_masks_and_backward_works():
+    _, gated = _band_gated_mlp()
+    layer = gated.model[0]
+    seen = []
+    layer.out_gate.register_forward_hook(lambda module, args, mask: seen.append(mask.detach().clone()))
+    loss = gated(torch.randn(8, 5)).square().mean() + gated(torch.randn(6, 5)).abs().mean()
+    loss.backward()
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gated.parameters())
+    assert gated.gate_sampler.current is None  # nothing kept from the forward calls
+
+
+def test_training_mask_is_a_pure_function_of_logits_seed_step_and_offset():
+    _, a = _band_gated_mlp(seed=0)
+    _, b = _band_gated_mlp(seed=1)  # other weights, other torch RNG history
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(8, 5)
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    out_a = a(x)
+    assert torch.equal(torch.get_rng_state(), state)  # masks do not draw from torch's RNG
+    torch.manual_seed(99)
+    torch.testing.assert_close(b(x), out_a)
+    for (_, gate_a), (_, gate_b) in zip(lumos.gates_of(a), lumos.gates_of(b)):
+        assert torch.equal(gate_a(), gate_b())  # drawn by the gate itself: the model's numbers
+    lumos.step_gates_(a)
+    assert a.gate_sampler.step == 1 and not torch.equal(a(x), out_a)
+    b.gate_sampler.load_state_dict(a.gate_sampler.state_dict())
+    torch.testing.assert_close(b(x), a(x))
+    b.gate_sampler.reseed(5)
+    assert not torch.equal(b(x), a(x))
+
+
+def test_gates_are_numbered_one_after_another_in_the_model():
+    _, gated = _band_gated_mlp()
+    names, gates = zip(*lumos.gates_of(gated))
+    assert names == ("model.0.out_gate", "model.2.out_gate", "feature_gate.gate")
+    assert [g.offset for g in gates] == [0, 16, 32]
+    assert gated.gate_sampler.gates == list(gates)
+
+
+@pytest.mark.parametrize("name", ["relu_3hidden", "silu_dropout", "residual", "norms_sigmoid"])
+def test_gated_model_with_default_gates_equals_the_original_at_step_0(name):
+    model, x = mlp_zoo()[name]
+    model.train()
+    gated = lumos.gate(model, x).train()
+    torch.manual_seed(3)
+    want = model(x)
+    torch.manual_seed(3)  # dropout draws the same numbers
+    torch.testing.assert_close(gated(x), want, atol=0, rtol=0)
+    model.eval(), gated.eval()
+    torch.testing.assert_close(gated(x), model(x), atol=0, rtol=0)
+
+
+def test_gated_cnn_with_default_gates_equals_the_original_at_step_0():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 2)).eval()
+    x = torch.randn(4, 3, 6, 6)
+    gated = lumos.gate(model, x, feature_dim=1).eval()
+    torch.testing.assert_close(gated(x), model(x), atol=0, rtol=0)
+
+
+def test_step_gates_clamps_logits_and_advances_the_noise():
+    _, gated = _band_gated_mlp()
+    gate = gated.model[0].out_gate
+    with torch.no_grad():
+        gate.log_alpha[:2] = torch.tensor([50.0, -50.0])
+    lumos.step_gates_(gated)
+    assert gate.log_alpha[:2].tolist() == pytest.approx([LOG_ALPHA_MAX, LOG_ALPHA_MIN])
+    assert gated.gate_sampler.state_dict() == {"seed": 0, "step": 1}
+
+
+def test_noise_range_change_regroups_the_sampling_calls():
+    _, gated = _band_gated_mlp()
+    x = torch.randn(8, 5)
+    gated.model[2].out_gate.noise_range = 0.5  # deterministic sigmoid(log_alpha / beta) for this gate
+    gated(x)
+    layer = gated.model[2]
+    s = torch.sigmoid(layer.out_gate.log_alpha / layer.out_gate.beta) * 1.2 - 0.1
+    pi = layer.out_gate.p_open()
+    want = torch.where(pi > 0.95, 1.0, torch.where(pi <= 0.05, 0.0, s.clamp(0, 1)))
+    index = gated.gate_sampler.gates.index(layer.out_gate)
+    torch.testing.assert_close(gated.gate_sampler.draw(True)[index], want)

@@ -1,11 +1,20 @@
-"""Penalty, budget controller and fit: costs, errors, and the budget hit on cfd_flux."""
+"""Penalty, budget controller and fit: costs, errors, the loop's pieces, and bad input."""
+import math
+import warnings
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lumos
+from lumos.cost import cost_model
 from lumos.report import count_params
 from zoo import mlp_zoo, randomize_gates
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -41,10 +50,16 @@ def test_kept_fraction_matches_compacted_params():
     assert lumos.kept_fraction(gated, "params") == pytest.approx(count_params(compacted) / count_params(model))
 
 
-@pytest.mark.parametrize("target", [0.0, -0.5, 1.5, float("nan"), "0.2"])
+@pytest.mark.parametrize("target", [0.0, -0.5, 1.5, float("nan"), "0.2", True])
 def test_budget_controller_rejects_targets_outside_unit_interval(gated_mlp, target):
-    with pytest.raises(ValueError, match="target"):
-        lumos.BudgetController(gated_mlp, target=target)
+    with pytest.raises(ValueError, match="lumos.BudgetController: `target`"):
+        lumos.BudgetController(gated_mlp, target=target, total_steps=10)
+
+
+@pytest.mark.parametrize("total_steps", [None, 0, 2.5])
+def test_budget_controller_needs_the_number_of_steps(gated_mlp, total_steps):
+    with pytest.raises(ValueError, match="total_steps"):
+        lumos.BudgetController(gated_mlp, target=0.2, total_steps=total_steps)
 
 
 def test_penalty_rejects_unknown_cost_and_ungated_model(gated_mlp):
@@ -65,7 +80,8 @@ def test_fit_rejects_nan_in_a_loader_batch(gated_mlp):
     x, y = torch.randn(32, 6), torch.randn(32, 2)
     x[20, 0] = float("nan")
     loader = [(x[:16], y[:16]), (x[16:], y[16:])]
-    with pytest.raises(ValueError, match="NaN.*batch 1"):
+    # loader batches are not inspected one by one (that would read back every step): the loss is
+    with pytest.raises(FloatingPointError, match="NaN.*batch 1"):
         lumos.fit(gated_mlp, loader, epochs=1, progress=False)
 
 
@@ -76,8 +92,8 @@ def test_fit_rejects_mismatched_rows_and_integer_inputs(gated_mlp):
         lumos.fit(gated_mlp, (torch.ones(10, 6, dtype=torch.long), torch.randn(10, 2)), epochs=1, progress=False)
 
 
-def test_fit_rejects_target_out_of_range(gated_mlp):
-    with pytest.raises(ValueError, match="target"):
+def test_fit_rejects_target_out_of_range_as_its_own_error(gated_mlp):
+    with pytest.raises(ValueError, match="^lumos.fit: `target`"):
         lumos.fit(gated_mlp, (torch.randn(10, 6), torch.randn(10, 2)), epochs=1, target=2.0, progress=False)
 
 
@@ -101,7 +117,7 @@ def test_noise_range_schedule_anneals_every_gate(gated_mlp):
 def test_fit_rejects_one_shot_iterator(gated_mlp):
     x, y = torch.randn(32, 6), torch.randn(32, 2)
     batches = iter([(x[:16], y[:16]), (x[16:], y[16:])])
-    with pytest.raises(ValueError, match="one-shot"):
+    with pytest.raises(ValueError, match="lumos.fit: `train` is a one-shot"):
         lumos.fit(gated_mlp, batches, epochs=2, progress=False)
 
 
@@ -119,3 +135,250 @@ def test_fit_patience_stops_after_that_many_epochs_without_progress():
     assert history.stopped_early
     last_best = history.best_epoch
     assert len(history.epochs) == last_best + 1 + 2
+
+
+# -- bad input, refused where the user passes it ------------------------------------------------
+
+def test_fit_converts_numpy_arrays(gated_mlp):
+    x = np.random.default_rng(0).normal(size=(64, 6))  # float64, as NumPy makes them
+    y = x[:, :2] * 2
+    history = lumos.fit(gated_mlp, (x, y), val=(x[:16], y[:16]), epochs=2, batch_size=16, progress=False)
+    assert len(history.epochs) == 2 and math.isfinite(history.epochs[-1]["val_loss"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, y: (x.tolist(), y), "`train` input 0 must be a torch.Tensor or a NumPy array, got list"),
+    (lambda x, y: (np.array(["a"] * 8, dtype=object), y), "`train` input 0 is a NumPy array of dtype object"),
+    (lambda x, y: x, "`train` must be \\(inputs, target\\) tensors"),
+])
+def test_fit_refuses_data_it_cannot_use(gated_mlp, bad, message):
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
+    with pytest.raises(TypeError, match=f"^lumos.fit: {message}"):
+        lumos.fit(gated_mlp, bad(x, y), epochs=1, progress=False)
+
+
+def test_fit_refuses_a_target_that_would_broadcast_against_the_output():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    gated = lumos.gate(model, torch.randn(8, 4))
+    x = torch.randn(32, 4)
+    with pytest.raises(ValueError, match=r"lumos.fit: `train` target has shape \(8,\).*outputs \(8, 1\)"):
+        lumos.fit(gated, (x, x[:, 0]), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"lumos.fit: `val` target has shape \(8, 2\)"):
+        lumos.fit(gated, (x, x[:, :1]), val=(x, x[:, :2]), epochs=1, progress=False)
+
+
+def test_fit_refuses_integer_targets_for_a_regression_loss(gated_mlp):
+    x = torch.randn(16, 6)
+    with pytest.raises(TypeError, match="lumos.fit: `train` target has integer dtype torch.int64.*regression"):
+        lumos.fit(gated_mlp, (x, torch.ones(16, 2, dtype=torch.long)), epochs=1, progress=False)
+
+
+def test_fit_trains_a_classifier_with_cross_entropy_and_checks_class_indices():
+    torch.manual_seed(0)
+    x = torch.randn(256, 5)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # 3 classes from 2 of 5 inputs
+    gated = lumos.gate(nn.Sequential(nn.Linear(5, 32), nn.ReLU(), nn.Linear(32, 3)), x[:8])
+    accuracy = lambda logits, labels: float((logits.argmax(1) == labels).double().mean())  # noqa: E731
+    history = lumos.fit(gated, (x, y), val=(x, y), loss_fn=F.cross_entropy, metric=accuracy, epochs=30,
+                        lr=1e-2, batch_size=32, progress=False, seed=0)
+    assert history.epochs[-1]["val_metric"] > 0.9
+    with pytest.raises(ValueError, match="lumos.fit: `train` target holds class 3 but the model outputs 3 classes"):
+        lumos.fit(gated, (x, y + 1), loss_fn=F.cross_entropy, epochs=1, progress=False)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, x, scale):
+        return self.body(x) * scale
+
+
+def test_fit_takes_multi_input_batches_as_tuples_and_loaders():
+    torch.manual_seed(0)
+    x, scale = torch.randn(64, 6), torch.rand(64, 1) + 0.5
+    y = x[:, :1] * scale
+    gated = lumos.gate(TwoInputs(), (x[:8], scale[:8]))
+    lumos.fit(gated, ((x, scale), y), val=((x, scale), y), epochs=2, batch_size=16, progress=False)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, scale, y), batch_size=16)
+    history = lumos.fit(gated, loader, val=loader, epochs=2, progress=False)
+    assert math.isfinite(history.epochs[-1]["val_loss"])
+
+
+def test_fit_does_not_reset_the_global_seed_unless_given_one(gated_mlp):
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    torch.manual_seed(123)
+    lumos.fit(gated_mlp, (x, y), epochs=1, batch_size=16, progress=False)
+    after_fit = torch.rand(3)
+    torch.manual_seed(0)  # what the old default seed=0 reset it to
+    assert not torch.equal(after_fit, torch.rand(3))
+
+    def seeded_run():
+        torch.manual_seed(0)
+        model = lumos.gate(nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2)), x[:8])
+        with torch.no_grad():
+            for _, gate in lumos.gates_of(model):
+                gate.log_alpha.fill_(0.0)  # random masks, so the gate noise matters
+        torch.manual_seed(int(1000 * torch.rand(())))  # any global state before fit
+        lumos.fit(model, (x, y), epochs=2, batch_size=16, progress=False, seed=7)
+        return model.state_dict()
+
+    torch.manual_seed(1)
+    first = seeded_run()
+    torch.manual_seed(2)
+    second = seeded_run()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+# -- the loop's pieces -----------------------------------------------------------------------------
+
+def test_train_step_is_a_reusable_step_and_callbacks_see_every_step_and_epoch(gated_mlp):
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    optimizer = torch.optim.Adam(lumos.param_groups(gated_mlp, lr=1e-2))
+    controller = lumos.BudgetController(gated_mlp, target=0.5, total_steps=4)
+    for step in range(4):
+        loss = lumos.train_step(gated_mlp, (x,), y, optimizer, controller=controller)
+        assert loss.shape == () and not loss.requires_grad
+    assert controller.steps == 4 and gated_mlp.gate_sampler.step == 4 and controller.locked
+
+    seen = {"steps": 0, "epochs": [], "start": 0, "end": 0}
+
+    class Recorder(lumos.Callback):
+        def on_fit_start(self, loop):
+            seen["start"] += 1
+
+        def on_step_end(self, loop, task_loss):
+            seen["steps"] += 1
+
+        def on_epoch_end(self, loop, row):
+            seen["epochs"].append(row["epoch"])
+
+        def on_fit_end(self, loop):
+            seen["end"] += 1
+
+    lumos.fit(gated_mlp, (x, y), epochs=3, batch_size=16, progress=False, callbacks=[Recorder()])
+    assert seen == {"steps": 12, "epochs": [0, 1, 2], "start": 1, "end": 1}
+
+
+def test_param_groups_give_gate_logits_a_larger_step(gated_mlp):
+    weights, gates = lumos.param_groups(gated_mlp, lr=1e-3)
+    assert weights["lr"] == 1e-3 and gates["lr"] == pytest.approx(lumos.train.GATE_LR_SCALE * 1e-3)
+    assert {id(p) for p in gates["params"]} == {id(g.log_alpha) for _, g in lumos.gates_of(gated_mlp)}
+    assert len(weights["params"]) + len(gates["params"]) == len(list(gated_mlp.parameters()))
+
+
+def _count_reads(monkeypatch, fn):
+    """How many times ``fn`` reads a tensor value back to Python (item, float, bool, tolist)."""
+    count = [0]
+    for name in ("item", "__float__", "__bool__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    fn()
+    monkeypatch.undo()
+    return count[0]
+
+
+def test_gated_training_steps_read_nothing_back_beyond_a_plain_step(gated_mlp, monkeypatch):
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    optimizer = torch.optim.Adam(lumos.param_groups(gated_mlp, lr=1e-3))
+    controller = lumos.BudgetController(gated_mlp, target=0.3, total_steps=100)
+    lumos.train_step(gated_mlp, (x,), y, optimizer, controller=controller)  # builds the cost model
+
+    def plain_steps():  # the same model and optimizer without lumos' penalty and bookkeeping
+        for _ in range(10):
+            optimizer.zero_grad()
+            F.mse_loss(gated_mlp(x), y).backward()
+            optimizer.step()
+
+    def gated_steps():
+        for _ in range(10):
+            lumos.train_step(gated_mlp, (x,), y, optimizer, controller=controller)
+
+    assert _count_reads(monkeypatch, gated_steps) == _count_reads(monkeypatch, plain_steps)
+
+
+# -- budgets ---------------------------------------------------------------------------------------
+
+class LSTMRegressor(nn.Module):
+    """A sequence model whose recurrent layer lumos keeps whole, with a prunable MLP head."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 32, batch_first=True)
+        self.head = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def test_a_target_below_what_the_gates_can_reach_is_refused_naming_the_layers_kept_whole():
+    x = torch.randn(16, 5, 4)
+    gated = lumos.gate(LSTMRegressor(), x, feature_dim=-1)
+    minimum = lumos.min_fraction(gated)
+    assert minimum == pytest.approx((4864 + 1) / count_params(gated))  # the LSTM and the output bias
+    with pytest.raises(ValueError, match=r"lumos.fit: `target`=0.2 is below 0.69\d+.*lstm \(4,864 params\)"):
+        lumos.fit(gated, (x, torch.randn(16, 1)), target=0.2, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="lumos.BudgetController: `target`=0.5 is below"):
+        lumos.BudgetController(gated, target=0.5, total_steps=10)
+    lumos.BudgetController(gated, target=0.8, total_steps=10)  # within reach
+
+
+def test_a_run_that_ends_above_its_target_says_so():
+    torch.manual_seed(0)
+    x = torch.randn(64, 6)
+    y = x[:, :2].sum(1, keepdim=True)
+    gated = lumos.gate(nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 1)), x[:8])
+    with pytest.warns(RuntimeWarning, match="lumos.fit: the run ended keeping 1.000 .* above the target 0.2"):
+        history = lumos.fit(gated, (x, y), target=0.2, epochs=2, batch_size=64, progress=False,
+                            controller_options=dict(lock=None))
+    assert history.target_met is False
+
+
+def test_lam_is_bounded(gated_mlp):
+    controller = lumos.BudgetController(gated_mlp, target=0.1, total_steps=1000, warmup=0.0, anneal=0.0,
+                                        lock=None, dual_lr=500.0, lam_max=50.0)
+    for _ in range(5):
+        controller.penalty(torch.tensor(1.0))
+        controller.step()
+    assert controller.lam == 50.0 and controller.saturated
+
+
+def test_lock_fixes_the_largest_model_within_the_target():
+    model, x = mlp_zoo()["relu_3hidden"]
+    gated = lumos.gate(model, x)
+    randomize_gates(gated, closed_fraction=0.2, seed=1)
+    with torch.no_grad():
+        gated.feature_gate.gate.log_alpha.fill_(4.5)  # inputs ranked first: the model is no constant
+    lumos.train.budget.lock_to_budget(gated, 0.3)
+    kept = lumos.kept_fraction(gated)
+    assert 0.29 < kept <= 0.3  # the units are small: the largest model within 0.3 comes close to it
+    masks = [g.eval_mask() for _, g in lumos.gates_of(gated)]
+    assert all(((m == 0) | (m == 1)).all() for m in masks)  # every gate decided: mask exactly 0 or 1
+    assert count_params(lumos.compact(gated, x)) == pytest.approx(kept * count_params(model))
+
+
+def test_penalty_refuses_nan_logits_naming_the_gate(gated_mlp):
+    with torch.no_grad():
+        gated_mlp.model[2].out_gate.log_alpha[3] = float("nan")
+    with pytest.raises(ValueError, match="lumos.penalty: gate `model.2.out_gate` has a non-finite log_alpha "
+                                         "\\(first at unit 3"):
+        lumos.penalty(gated_mlp, "params")
+
+
+def test_cost_model_evaluates_every_layer_in_one_pass_matching_the_per_layer_formula():
+    model, x = mlp_zoo()["residual"]
+    gated = lumos.gate(model, x)
+    randomize_gates(gated, seed=2)
+    costs = cost_model(gated)
+    measured = costs.evaluate("params")
+    assert float(measured.kept) == pytest.approx(costs.actual("params"))
+    assert float(measured.expected) == pytest.approx(float(lumos.penalty(gated, "params")), rel=1e-6)
+    assert measured.kept_units.shape == measured.in_band.shape == (costs.n_units,)

@@ -1,0 +1,302 @@
+"""What gated training costs and what it finds, on the tasks of ``tests/zoo_training.py``.
+
+Three measurements:
+
+- ``train-step-batch-256`` (pytest-benchmark): one training step of the 12-512x3-3 surrogate
+  MLP of ``bench_compaction.py`` at batch 256, plain (forward, MSE, backward, Adam) against
+  gated as :func:`lumos.fit` runs it (:func:`lumos.train_step` with a
+  :class:`lumos.BudgetController`: one sampling call, one vectorised cost evaluation, the
+  controller's update and the gates' clamp). The figure is gated median / plain median
+  (issue 10 asks for at most 1.15x)::
+
+      python -m pytest bench/bench_training.py --benchmark-enable --benchmark-only \\
+          --benchmark-columns=median,iqr,min,rounds -q
+
+  and, timing the two in alternation so that load from other processes hits both alike::
+
+      OMP_NUM_THREADS=1 python bench/bench_training.py overhead
+
+  (wall and CPU-time medians: CPU time leaves out the waits a busy machine imposes).
+
+- ``schedules``: the experiment that chose the gate schedule (README, "The gates"): each
+  schedule x task x seed trained with ``lumos.fit(target=0.1)``, reporting the inputs kept
+  (relevant ones lost, irrelevant ones kept), the final fraction of parameters and R^2::
+
+      OMP_NUM_THREADS=1 python bench/bench_training.py schedules
+
+- ``compare``: lumos (gates, then fine-tuning of the compacted model) against Torch-Pruning's
+  L1 magnitude pruning (dense training, global magnitude ranking to the same parameter count
+  within 5%, the same fine-tuning) at about 10% and 5% of the parameters, same optimiser, epochs and batches
+  for both (needs ``pip install torch-pruning``)::
+
+      OMP_NUM_THREADS=1 python bench/bench_training.py compare
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lumos
+from lumos.report import count_params
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from bench_compaction import N_FEATURES, N_OUTPUTS, TRAIN_BATCH, measure, run_info, surrogate_mlp  # noqa: E402
+from zoo_training import TASKS, Task  # noqa: E402
+
+EPOCHS, LR, BATCH = 20, 1e-2, 256  # the one setting every task and schedule trains with
+TARGET = 0.1
+SEEDS = (0, 1, 2)
+# The schedule lumos uses, and four variants that each change one part of it (an ablation).
+# "reference init": the LUMOS reference code's drop rate 0.5, every gate inside the stochastic band.
+SCHEDULES = {
+    "default: open init, warm-up to 0.2, budget annealed to 0.5, lock": (dict(), dict()),
+    "reference init (drop rate 0.5)": (dict(init_drop_rate=0.5), dict()),
+    "no warm-up": (dict(), dict(warmup=0.0)),
+    "no annealing (whole budget after the warm-up)": (dict(), dict(anneal=0.2)),
+    "no lock": (dict(), dict(lock=None)),
+}
+
+
+def train_gated(task: Task, seed: int, target: float, gate_kwargs: dict | None = None,
+                controller_options: dict | None = None, epochs: int = EPOCHS,
+                lr: float = LR) -> tuple[nn.Module, lumos.History]:
+    """``lumos.gate`` + ``lumos.fit(target=...)`` on ``task`` with the shared setting."""
+    torch.manual_seed(seed)
+    gated = lumos.gate(task.make_model(), task.train[0][:64], **(gate_kwargs or {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a missed target shows in the table
+        history = lumos.fit(gated, task.train, task.val, target=target, epochs=epochs, lr=lr, batch_size=BATCH,
+                            metric=task.metric, seed=seed, progress=False, controller_options=controller_options)
+    return gated, history
+
+
+def kept_inputs(gated: lumos.GatedModel) -> list[int]:
+    return gated.feature_gate.gate.kept().nonzero().flatten().tolist()
+
+
+def schedule_row(name: str, task_name: str, seed: int, epochs: int = EPOCHS, lr: float = LR) -> dict:
+    task = TASKS[task_name](0)
+    gate_kwargs, options = SCHEDULES[name]
+    gated, history = train_gated(task, seed, TARGET, gate_kwargs, options, epochs, lr)
+    kept = set(kept_inputs(gated))
+    return {"schedule": name, "task": task_name, "seed": seed,
+            "lost": sorted(set(task.relevant) - kept), "extra": sorted(kept - set(task.relevant)),
+            "fraction": lumos.kept_fraction(gated), "r2": lumos.evaluate(gated, task.val, metric=task.metric)[1]}
+
+
+def schedules(epochs: int = EPOCHS, lr: float = LR, names: list[str] | None = None) -> None:
+    print(f"lumos.fit(target={TARGET}, epochs={epochs}, lr={lr}, batch_size={BATCH}), seeds {SEEDS}\n")
+    print("| schedule | task | seed | relevant inputs lost | irrelevant inputs kept | fraction of params | val R2 |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for name in names or SCHEDULES:
+        for task_name in TASKS:
+            for seed in SEEDS:
+                r = schedule_row(name, task_name, seed, epochs, lr)
+                rows.append(r)
+                print(f"| {r['schedule']} | {r['task']} | {r['seed']} | {r['lost'] or '-'} | {r['extra'] or '-'} | "
+                      f"{r['fraction']:.3f} | {r['r2']:.4f} |", flush=True)
+    print(f"\n| schedule (lr {lr}) | runs losing a relevant input | runs keeping an irrelevant input | "
+          f"runs within {TARGET} +- 0.02 | fraction | val R2 median (min) |")
+    print("|---|---|---|---|---|---|")
+    for name in names or SCHEDULES:
+        mine = [r for r in rows if r["schedule"] == name]
+        r2 = sorted(r["r2"] for r in mine)
+        fractions = [r["fraction"] for r in mine]
+        print(f"| {name} | {sum(bool(r['lost']) for r in mine)}/{len(mine)} | "
+              f"{sum(bool(r['extra']) for r in mine)}/{len(mine)} | "
+              f"{sum(abs(f - TARGET) <= 0.02 for f in fractions)}/{len(mine)} | "
+              f"{min(fractions):.3f}-{max(fractions):.3f} | {r2[len(r2) // 2]:.3f} ({r2[0]:.3f}) |")
+
+
+def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The step a user writes without lumos: forward, MSE, backward, Adam."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def step_pair(in_band: bool = True, seed: int = 0):
+    """``(plain step, gated step)`` closures on the surrogate MLP at batch ``TRAIN_BATCH``.
+
+    ``in_band``: every gate inside the stochastic band, so every step draws noise and every
+    gate gets a task gradient (the annealing phase; checked once); otherwise every gate starts
+    open, as in the warm-up, and after the lock, where the masks are exactly 0 or 1.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(TRAIN_BATCH, N_FEATURES, generator=generator)
+    y = torch.randn(TRAIN_BATCH, N_OUTPUTS, generator=generator)
+    torch.manual_seed(seed)
+    dense = surrogate_mlp()
+    gated = lumos.gate(dense, x[:8])
+    plain_optimizer = torch.optim.Adam(dense.parameters(), lr=LR)
+    gated_optimizer = torch.optim.Adam(lumos.param_groups(gated, lr=LR))
+    controller = lumos.BudgetController(gated, target=0.2, total_steps=10**6, warmup=0.0)
+    if in_band:
+        with torch.no_grad():
+            for _, gate in lumos.gates_of(gated):
+                gate.log_alpha.uniform_(-1.0, 1.0)
+    gated_step = lambda: lumos.train_step(gated, (x,), y, gated_optimizer, controller=controller)  # noqa: E731
+    gated_step()
+    if in_band:
+        for name, gate in lumos.gates_of(gated):
+            grad = gate.log_alpha.grad
+            assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    return (lambda: plain_step(dense, plain_optimizer, x, y)), gated_step
+
+
+@pytest.mark.parametrize("variant", ["plain", "gated-in-band", "gated-outside-band"])
+def test_train_step_overhead(benchmark, variant):
+    plain, gated = step_pair(in_band=variant != "gated-outside-band")
+    benchmark.group = f"train-step-batch-{TRAIN_BATCH}"
+    benchmark.extra_info.update(variant=variant, batch=TRAIN_BATCH, **run_info(torch.zeros(1, N_FEATURES)))
+    measure(benchmark, plain if variant == "plain" else gated)
+
+
+def op_count(fn) -> int:
+    """Tensor ops one call of ``fn`` dispatches (torch's profiler, top-level and nested)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
+
+
+def overhead(rounds: int = 300) -> None:
+    """Gated over plain step time, the two timed in alternation (load on the machine hits both)."""
+    print(f"batch {TRAIN_BATCH}, {torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.2f}, "
+          f"{rounds} alternating rounds")
+    for in_band in (True, False):
+        plain, gated = step_pair(in_band)
+        for _ in range(20):
+            plain(), gated()
+        wall, cpu = {"plain": [], "gated": []}, {"plain": [], "gated": []}
+        for _ in range(rounds):
+            for name, fn in (("plain", plain), ("gated", gated)):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+        for label, times in (("wall", wall), ("CPU", cpu)):
+            median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            print(f"gates {'inside' if in_band else 'outside'} the band, {label} time: plain step "
+                  f"{1e3 * median['plain']:.3f} ms, gated step {1e3 * median['gated']:.3f} ms, "
+                  f"ratio {median['gated'] / median['plain']:.3f}x", flush=True)
+        print(f"  aten ops per step: plain {op_count(plain)}, gated {op_count(gated)}")
+
+
+FRACTIONS = (0.10, 0.05)  # of the dense parameters
+PARAM_MATCH = 0.05  # Torch-Pruning's model is pruned to lumos' parameter count within 5%
+
+
+def fine_tune(model: nn.Module, task: Task, seed: int) -> float:
+    """``EPOCHS`` more epochs of the plain ``model`` (same setting), then its test R^2."""
+    lumos.fit(model, task.train, task.val, epochs=EPOCHS, lr=LR, batch_size=BATCH, seed=seed, progress=False)
+    return lumos.evaluate(model, task.test, metric=task.metric)[1]
+
+
+def lumos_arm(task: Task, seed: int, fraction: float) -> tuple[int, float]:
+    """Gated training to ``fraction`` of the parameters, compaction, fine-tuning: (params, test R^2)."""
+    gated, _ = train_gated(task, seed, fraction)
+    small = lumos.compact(gated)
+    return count_params(small), fine_tune(small, task, seed)
+
+
+def magnitude_pruned(dense: nn.Module, task: Task, params: int) -> nn.Module:
+    """A copy of ``dense`` pruned by Torch-Pruning to ``params`` parameters within ``PARAM_MATCH``:
+    L1 magnitude of each channel group, ranked across layers (``global_pruning``, so that each
+    layer gets its own width as lumos' does, one channel at a time), at most 95% of any layer
+    removed, the output layer kept."""
+    import copy
+
+    try:
+        import torch_pruning as tp
+    except ImportError as err:
+        raise ImportError("bench_training.py compare needs Torch-Pruning: pip install torch-pruning") from err
+
+    def prune(ratio: float) -> nn.Module:
+        model = copy.deepcopy(dense)
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        tp.pruner.MagnitudePruner(model, task.train[0][:4], importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=ratio, global_pruning=True, max_pruning_ratio=0.95,
+                                  ignored_layers=[last]).step()
+        return model
+
+    low, high = 0.0, 0.999
+    for _ in range(40):  # bisection on the pruning ratio
+        ratio = (low + high) / 2
+        model = prune(ratio)
+        count = count_params(model)
+        if abs(count - params) <= PARAM_MATCH * params:
+            return model
+        low, high = (ratio, high) if count > params else (low, ratio)
+    raise RuntimeError(f"Torch-Pruning could not reach {params} parameters within {PARAM_MATCH:.0%} (got {count})")
+
+
+def compare_row(task_name: str, seed: int) -> list[dict]:
+    """Both arms at every fraction of ``FRACTIONS`` for one task and seed."""
+    task = TASKS[task_name](0)
+    torch.manual_seed(seed)
+    dense = task.make_model()
+    lumos.fit(dense, task.train, task.val, epochs=EPOCHS, lr=LR, batch_size=BATCH, seed=seed, progress=False)
+    dense_params = count_params(dense)
+    rows = []
+    for fraction in FRACTIONS:
+        params, r2 = lumos_arm(task, seed, fraction)
+        pruned = magnitude_pruned(dense, task, params)
+        rows.append({"task": task_name, "seed": seed, "fraction": fraction, "dense_params": dense_params,
+                     "lumos_params": params, "lumos_r2": r2, "tp_params": count_params(pruned),
+                     "tp_r2": fine_tune(pruned, task, seed)})
+    return rows
+
+
+def compare() -> None:
+    print(f"each arm: {EPOCHS} epochs (lumos: gated to the target; Torch-Pruning: dense), pruning (Torch-Pruning: "
+          f"global L1 magnitude), {EPOCHS} epochs of fine-tuning; Adam lr={LR}, batch {BATCH}; test R2; "
+          f"seeds {SEEDS}\n")
+    print("| task | target | seed | lumos params | lumos R2 | Torch-Pruning params | Torch-Pruning R2 |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for task_name in TASKS:
+        for seed in SEEDS:
+            for r in compare_row(task_name, seed):
+                rows.append(r)
+                print(f"| {r['task']} | {r['fraction']:.0%} | {r['seed']} | {r['lumos_params']} "
+                      f"({r['lumos_params'] / r['dense_params']:.1%}) | {r['lumos_r2']:.4f} | {r['tp_params']} | "
+                      f"{r['tp_r2']:.4f} |", flush=True)
+    print("\n| task | target | lumos R2 (mean over seeds) | Torch-Pruning R2 (mean) | lumos >= Torch-Pruning |")
+    print("|---|---|---|---|---|")
+    for task_name in TASKS:
+        for fraction in FRACTIONS:
+            mine = [r for r in rows if r["task"] == task_name and r["fraction"] == fraction]
+            ours = sum(r["lumos_r2"] for r in mine) / len(mine)
+            theirs = sum(r["tp_r2"] for r in mine) / len(mine)
+            print(f"| {task_name} | {fraction:.0%} | {ours:.4f} | {theirs:.4f} | {'yes' if ours >= theirs else 'NO'} |")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["schedules", "compare", "overhead"])
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="schedules: epochs per run")
+    parser.add_argument("--lr", type=float, default=LR, help="schedules: learning rate")
+    parser.add_argument("--schedule", action="append", choices=list(SCHEDULES), help="schedules: only these")
+    args = parser.parse_args(argv)
+    if args.what == "schedules":
+        schedules(args.epochs, args.lr, args.schedule)
+    else:
+        {"compare": compare, "overhead": overhead}[args.what]()
+
+
+if __name__ == "__main__":
+    main()

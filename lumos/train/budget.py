@@ -1,0 +1,281 @@
+"""BudgetController: the Lagrangian weight on the L0 term that ends training at a target size."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..cost import check_cost, cost_model
+from ..gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, gates_of, step_gates_
+from .penalty import check_gated, kept_fraction
+
+LAM_MAX = 1e3
+
+
+def check_target(target, who: str) -> float:
+    """``target`` as a float in (0, 1], or a clear error naming ``who`` (the function called)."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or math.isnan(target) \
+            or not 0.0 < target <= 1.0:
+        raise ValueError(f"{who}: `target` must be a fraction in (0, 1], got {target!r}")
+    return float(target)
+
+
+def check_reachable(model: nn.Module, target: float, cost: str, who: str) -> float:
+    """The smallest fraction of ``cost`` the gates can reach; a ``target`` below it is an error
+    naming the layers lumos keeps whole."""
+    costs = cost_model(model)
+    minimum = costs.minimum[cost] / costs.dense[cost]
+    if target < minimum:
+        whole = sorted(costs.whole.items(), key=lambda kv: -kv[1])
+        listed = ", ".join(f"{name} ({count:,} params)" for name, count in whole[:8]) or "none"
+        skipped = getattr(model, "skipped", {})
+        reasons = "; ".join(f"{name}: {why}" for name, why in list(skipped.items())[:8])
+        raise ValueError(
+            f"{who}: `target`={target} is below {minimum:.4f}, the smallest fraction of {cost} this "
+            f"model can reach with every gate closed. Layers lumos keeps whole: {listed}"
+            + (f". Layers left ungated: {reasons}" if reasons else "")
+            + ". Ask for a larger target, or make those layers prunable (lumos gates nn.Linear, "
+              "convolutions, nn.MultiheadAttention and lumos.nn.GINConv)."
+        )
+    return minimum
+
+
+class BudgetController:
+    r"""Lagrangian weight ``lam`` on the L0 term so that training ends at a target budget.
+
+    The model minimises ``task + lam * E`` where ``E`` is the expected fraction of the dense
+    cost kept under the gates' ``p_open`` (with ``relative``, ``lam`` is also multiplied by the
+    detached task loss, so that it weighs relative changes of the loss whatever its scale).
+    The run has three phases over ``total_steps``:
+
+    1. warm-up (the first ``warmup`` of the steps): ``lam = 0``; the gates, which start open,
+       stay at exactly 1 and the network trains densely;
+    2. annealing (until ``anneal``): the budget goes from 1 to ``target`` (cosine) and ``lam``
+       is a PI controller on the relative error ``e = clamp((K - budget) / budget, -1, 1)``,
+       where ``K`` is the fraction the eval masks keep, smoothed
+       (:meth:`lumos.cost.CostModel.soft_kept`: it moves as soon as the gates move, where the
+       eval masks only change when a gate crosses its threshold):
+
+       .. math::
+           I \leftarrow \mathrm{clamp}(I + \eta\, e,\ 0,\ \lambda_{max}), \qquad
+           \lambda = \mathrm{clamp}(I + k_p\, e,\ 0,\ \lambda_{max})
+
+    3. lock: the first time the fraction the eval masks keep is at most ``target`` (watched
+       from when the budget is within twice the target), the architecture is fixed: that model
+       (of the last two measured, the one closer to ``target``) has its kept gates set open
+       (mask exactly 1) and the others closed, ``lam`` drops to 0 and the remaining steps train
+       its weights. If that has not happened by ``lock``, :func:`lock_to_budget` fixes the
+       largest model within ``target`` by ranking ``log_alpha``.
+
+    With ``lock=None`` the controller keeps tracking ``target`` to the end. Everything stays on
+    the device: no step reads a value back to the host.
+
+    Args:
+        model: the gated model.
+        target: fraction of the dense cost to keep, in (0, 1]; a target below the smallest
+            fraction the gates can reach (layers kept whole) is an error naming those layers.
+        total_steps: the optimiser steps the run will take (e.g. ``epochs * len(loader)``).
+        cost: ``"params"`` (default), ``"flops"`` or ``"count"``.
+        warmup, anneal: where the warm-up and the annealing end, as fractions of ``total_steps``
+            (0.2, 0.5).
+        lock: the latest point to fix the architecture, as a fraction of ``total_steps`` (0.75);
+            None: never fix it, track ``target`` to the end.
+        dual_lr, kp: integral and proportional gains ``eta`` and ``k_p``.
+        lam_max: the bound on ``lam``; a run that reaches it cannot meet its target
+            (:attr:`saturated`).
+        relative: scale the penalty by the detached task loss given to :meth:`penalty`.
+
+    Usage (:meth:`step` after ``optimizer.step()`` also clamps the gates and moves their noise
+    to the next step)::
+
+        controller = lumos.BudgetController(gated, target=0.2, total_steps=epochs * len(loader))
+        loss = task + controller.penalty(task)
+        loss.backward(); optimizer.step(); controller.step()
+    """
+
+    def __init__(self, model: nn.Module, target: float, total_steps: int | None = None, cost: str = "params", *,
+                 warmup: float = 0.2, anneal: float = 0.5, lock: float | None = 0.75, dual_lr: float = 1.0,
+                 kp: float = 10.0, lam_max: float = LAM_MAX, relative: bool = True,
+                 who: str = "lumos.BudgetController"):
+        check_gated(model, who)
+        check_cost(cost, who)
+        target = check_target(target, who)
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"{who}: `total_steps` must be the number of optimiser steps the run will take "
+                             f"(a positive int, e.g. epochs * len(loader)), got {total_steps!r}")
+        for name, value in (("warmup", warmup), ("anneal", anneal), ("lock", 0.0 if lock is None else lock)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{who}: `{name}` must be a fraction of the run in [0, 1], got {value!r}")
+        if anneal < warmup or (lock is not None and lock < anneal):
+            raise ValueError(f"{who}: need warmup <= anneal <= lock, got warmup={warmup}, anneal={anneal}, "
+                             f"lock={lock}")
+        for name, value in (("dual_lr", dual_lr), ("kp", kp), ("lam_max", lam_max)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (value == 0 and name == "lam_max"):
+                raise ValueError(f"{who}: `{name}` must be a finite number >= 0 (lam_max > 0), got {value!r}")
+        self.model, self.target, self.cost = model, target, cost
+        self.min_fraction = check_reachable(model, target, cost, who)
+        self.total_steps, self.warmup, self.anneal = total_steps, float(warmup), float(anneal)
+        self.lock = None if lock is None else float(lock)
+        self.dual_lr, self.kp, self.lam_max, self.relative = float(dual_lr), float(kp), float(lam_max), bool(relative)
+        self.lock_step = None if lock is None else max(1, round(self.lock * total_steps))
+        self.steps = 0
+        self.locked = False
+        device = gates_of(model)[0][1].log_alpha.device
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self._lam, self._integral, self._expected, self._kept = zero.clone(), zero.clone(), zero + 1.0, zero + 1.0
+        self._soft_kept = zero + 1.0
+        self._saturated = torch.zeros((), dtype=torch.bool, device=device)
+        self._locked = torch.zeros((), dtype=torch.bool, device=device)
+        self._units: torch.Tensor | None = None  # eval-mask units at the last penalty() after the annealing
+        self._last = (self._kept, None)  # the measurement before that
+
+    def budget(self, step: int | None = None) -> float:
+        """The fraction to keep at ``step`` (default: now): 1 during the warm-up, then cosine
+        down to ``target`` until ``anneal * total_steps``, then ``target``."""
+        step = self.steps if step is None else step
+        start, end = self.warmup * self.total_steps, self.anneal * self.total_steps
+        t = min(max(step - start, 0.0) / max(end - start, 1.0), 1.0)
+        return self.target + (1.0 - self.target) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def penalty(self, task_loss: torch.Tensor | None = None) -> torch.Tensor:
+        """``lam * E`` (times the detached ``task_loss`` when ``relative``), differentiable in
+        the gates; also keeps ``E`` for :meth:`step`."""
+        costs = cost_model(self.model)
+        expected = costs.expected(self.cost) / costs.dense[self.cost]
+        self._expected = expected.detach().double()
+        self._soft_kept = costs.soft_kept(self.cost) / costs.dense[self.cost]
+        if self._measures_kept():
+            with torch.no_grad():
+                units = costs.kept_units()
+                self._last = (self._kept, self._units)
+                self._kept, self._units = costs.actual_tensor(self.cost, units) / costs.dense[self.cost], units
+        weight = self._lam
+        if self.relative and task_loss is not None:
+            weight = weight * task_loss.detach().to(weight.dtype)
+        return (weight * expected).to(expected.dtype)
+
+    def _measures_kept(self) -> bool:
+        """Once the budget is within twice the target and until the lock, the eval masks' fraction
+        is measured, so that the lock catches the step where it crosses the target."""
+        return (self.lock_step is not None and not self.locked and self.steps >= self.warmup * self.total_steps
+                and self.budget() <= 2 * self.target)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One controller step (and the lock, when due), then :func:`lumos.step_gates_` (clamp,
+        next noise)."""
+        self.steps += 1
+        if self.locked:
+            pass
+        elif self.steps < self.warmup * self.total_steps:
+            self._lam = torch.zeros_like(self._lam)
+        else:
+            budget = self.budget()
+            error = ((self._soft_kept - budget) / budget).clamp(-1.0, 1.0)
+            self._integral = (self._integral + self.dual_lr * error).clamp(0.0, self.lam_max)
+            lam = self._integral + self.kp * error
+            self._saturated |= lam >= self.lam_max
+            self._lam = lam.clamp(0.0, self.lam_max)
+            if self._units is not None:
+                self._lock_when_within_target()
+        if self.lock_step is not None and not self.locked and self.steps >= self.lock_step:
+            if not bool(self._locked):  # the deadline, one read-back: fix the largest model within target
+                lock_to_budget(self.model, self.target, self.cost)
+            self.locked = True
+        if self.locked:
+            self._lam = torch.zeros_like(self._lam)
+        step_gates_(self.model)
+
+    def _lock_when_within_target(self) -> None:
+        """On the device, no read-back: the first time the eval masks keep at most ``target``, pin
+        that model (of the last two measured, the one closer to ``target``); ``lam`` is 0 from then."""
+        lock_now = ~self._locked & (self._kept <= self.target)
+        units = self._units
+        last_kept, last_units = self._last
+        if last_units is not None:
+            closer = (last_kept - self.target).abs() < (self._kept - self.target).abs()
+            units = torch.where(closer, last_units, units)
+        logits = [g.log_alpha for g in cost_model(self.model).gates]
+        ends = torch.where(units, LOG_ALPHA_MAX, LOG_ALPHA_MIN).to(logits[0].dtype)
+        weight = lock_now.to(logits[0].dtype)
+        torch._foreach_mul_(logits, 1 - weight)
+        torch._foreach_add_(logits, torch._foreach_mul(list(ends.split([l.numel() for l in logits])), weight))
+        self._locked |= lock_now
+        self._lam = torch.where(self._locked, torch.zeros_like(self._lam), self._lam)
+
+    @property
+    def lam(self) -> float:
+        """The current weight (reads it back from the device, and with it whether the lock happened)."""
+        self.locked = self.locked or bool(self._locked)
+        return float(self._lam)
+
+    @property
+    def kept(self) -> float:
+        """The fraction of the dense cost the eval masks keep now (reads it back from the device)."""
+        return kept_fraction(self.model, self.cost)
+
+    @property
+    def expected(self) -> float:
+        """The expected fraction ``E`` at the last :meth:`penalty` call."""
+        return float(self._expected)
+
+    @property
+    def saturated(self) -> bool:
+        """Whether ``lam`` has hit ``lam_max``: the target is out of reach at this pressure."""
+        return bool(self._saturated)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to resume this controller exactly."""
+        return {"lam": self._lam.clone(), "integral": self._integral.clone(), "expected": self._expected.clone(),
+                "kept": self._kept.clone(), "saturated": self._saturated.clone(), "locked_on_device": self._locked.clone(),
+                "units": self._units, "last": self._last, "locked": self.locked,
+                "steps": self.steps, "target": self.target, "cost": self.cost, "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self._lam.device
+        for name in ("lam", "integral", "expected", "kept", "saturated"):
+            setattr(self, "_" + name, state[name].to(device))
+        self._locked = state["locked_on_device"].to(device)
+        self._units, self._last = state["units"], state["last"]
+        self.steps, self.locked = int(state["steps"]), bool(state["locked"])
+
+
+@torch.no_grad()
+def lock_to_budget(model: nn.Module, target: float, cost: str = "params") -> None:
+    """Fix ``model``'s architecture at the largest one within ``target``: the ``k`` gate units with
+    the largest ``log_alpha`` are set open (``LOG_ALPHA_MAX``, mask exactly 1), every other one
+    closed (``LOG_ALPHA_MIN``), with the largest ``k`` whose model costs at most ``target`` of the
+    dense ``cost`` (binary search on ``k`` with the exact cost of the eval masks; ties broken by
+    unit order). A gate that keeps any unit now keeps at least its best one: ranking units
+    across layers must not remove a layer that training kept (a closed layer on the input's
+    path would make the model a constant). A fixed number of device ops, no read-back."""
+    costs = cost_model(model)
+    logits = [g.log_alpha for g in costs.gates]
+    flat = torch.cat([t.detach() for t in logits])
+    n = flat.numel()
+    sizes = torch.tensor([g.n for g in costs.gates], device=flat.device)
+    gate_of = torch.repeat_interleave(torch.arange(len(logits), device=flat.device), sizes)
+    best = torch.full((len(logits),), -math.inf, dtype=flat.dtype, device=flat.device)
+    best = best.scatter_reduce(0, gate_of, flat, "amax")
+    alive = torch.zeros(len(logits), dtype=torch.long, device=flat.device)
+    alive = alive.scatter_reduce(0, gate_of, costs.kept_units().long(), "amax")
+    candidate = (flat == best[gate_of]) & (alive[gate_of] > 0)
+    per_gate = torch.zeros(len(logits), dtype=torch.long, device=flat.device).index_add(0, gate_of, candidate.long())
+    earlier_gates = torch.cumsum(per_gate, 0) - per_gate
+    first_best = candidate & (torch.cumsum(candidate.long(), 0) - earlier_gates[gate_of] == 1)
+    key = torch.where(first_best, torch.full_like(flat, math.inf), flat)  # each kept gate's best unit first
+    order = torch.argsort(key, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=flat.device)
+    limit = target * costs.dense[cost] * (1 + 1e-9)
+    low = torch.zeros((), dtype=torch.long, device=flat.device)  # top-`low` fits (the minimum always does)
+    high = torch.full((), n, dtype=torch.long, device=flat.device)
+    for _ in range(n.bit_length() + 1):
+        middle = (low + high + 1) // 2
+        fits = costs.actual_tensor(cost, rank < middle) <= limit
+        low, high = torch.where(fits, middle, low), torch.where(fits, high, middle - 1)
+    ends = torch.where(rank < low, LOG_ALPHA_MAX, LOG_ALPHA_MIN).to(flat.dtype)
+    torch._foreach_copy_(logits, list(ends.split([g.n for g in costs.gates])))
+
