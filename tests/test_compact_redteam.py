@@ -286,7 +286,8 @@ def test_probes_resize_each_spatial_dim_and_integer_inputs():
 
 def test_gate_and_compact_inside_inference_mode_give_models_usable_outside():
     """Built inside ``torch.inference_mode()``, the compacted model's parameters were inference
-    tensors: calling it outside raised; a gated model made there could not train."""
+    tensors: calling it outside raised; a gated model made there could not train. Compacting a
+    model left in train mode, under ``torch.no_grad()``, works too."""
     case = CASES["sequential_dict"]()
     with torch.inference_mode():
         gated = lumos.gate(case.model, case.inputs)
@@ -298,6 +299,10 @@ def test_gate_and_compact_inside_inference_mode_give_models_usable_outside():
     assert mismatch(out.detach(), gated.eval()(x).detach()) is None
     gated.train()
     (gated(x).pow(2).mean() + lumos.penalty(gated)).backward()
+    with torch.no_grad():  # in train mode (its dropout on), under no_grad
+        compacted = lumos.compact(gated)
+    assert gated.training
+    assert mismatch(compacted(x).detach(), gated.eval()(x).detach()) is None
 
 
 def test_keep_input_shape_false_without_a_feature_gate_keeps_the_input():
