@@ -25,6 +25,7 @@ from .convert import gate
 from .evaluation.training import Phase, evaluate_split, train
 from .metrics import measure_inference
 from .report import Report, count_flops, count_params, report
+from .train.distributed import Ranks, check_same_model, distributed_run
 
 LATENCY_ROWS = 4096      # tabular rows per timed forward
 LATENCY_SAMPLES = 64     # fields, images or graphs per timed forward
@@ -93,40 +94,64 @@ def flops_per_sample(work: workloads.Workload, model: nn.Module, inputs: tuple) 
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
+def phase_checkpoint(folder: str | Path | None, phase: str) -> Path | None:
+    """The checkpoint file of a training phase in ``folder`` (created), or None."""
+    if folder is None:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / f"{phase}.pt"
+
+
 def run_lumos(work: workloads.Workload, *, target: float = 0.2, cost: str = "params", epochs: int | None = None,
-              fine_tune_epochs: int | None = None, seed: int = 0, progress: bool = False, log=print) -> LumosOutcome:
-    """Dense baseline, gated training to ``target``, compaction and fine-tuning on ``work``."""
+              fine_tune_epochs: int | None = None, seed: int = 0, progress: bool = False, log=print,
+              checkpoint_dir: str | Path | None = None, fit_options: dict | None = None,
+              ranks: Ranks | None = None) -> LumosOutcome:
+    """Dense baseline, gated training to ``target``, compaction and fine-tuning on ``work``.
+
+    ``checkpoint_dir``: each training phase checkpoints to ``<phase>.pt`` there (``dense``,
+    ``dense_more``, ``gated``, ``fine_tune``) and a rerun resumes from them. ``fit_options``: more
+    :func:`lumos.fit` arguments (``precision``, ``compile``, ``checkpoint_every``). ``ranks``: train
+    data-parallel under torchrun (:mod:`lumos.train.distributed`); the returned models are on CPU.
+    """
     epochs = epochs if epochs is not None else work.fit_defaults["epochs"]
     fine_tune_epochs = fine_tune_epochs if fine_tune_epochs is not None else work.fit_defaults["fine_tune_epochs"]
     if epochs < 1 or fine_tune_epochs < 0:
         raise ValueError(f"lumos.pipeline.run_lumos: need epochs >= 1 and fine_tune_epochs >= 0, "
                          f"got {epochs} and {fine_tune_epochs}")
     example = example_inputs(work)
+    device = ranks.device if ranks is not None else torch.device("cpu")
     phases = {}
+
+    def run_phase(model, phase, n_epochs, **kwargs):
+        options = {**(fit_options or {}), "checkpoint": phase_checkpoint(checkpoint_dir, phase)}
+        if ranks is not None:
+            options["distributed"] = True
+        phases[phase] = train(model, work, n_epochs, progress=progress, fit_options=options, **kwargs)
 
     log(f"[1/4] dense baseline on {work.name} ({work.size}): {epochs} + {epochs + fine_tune_epochs} epochs")
     torch.manual_seed(seed)
-    dense = work.make_model()
-    phases["dense"] = train(dense, work, epochs, name="dense", seed=seed, progress=progress)
-    checkpoint = copy.deepcopy(dense)
-    phases["dense_more"] = train(dense, work, epochs + fine_tune_epochs, name="dense (more)", seed=seed + 1,
-                                 progress=progress)
+    dense = work.make_model().to(device)
+    run_phase(dense, "dense", epochs, name="dense", seed=seed)
+    checkpoint = copy.deepcopy(dense).cpu()
+    run_phase(dense, "dense_more", epochs + fine_tune_epochs, name="dense (more)", seed=seed + 1)
 
     log(f"[2/4] gated model (target: keep {target:.0%} of {cost}): {2 * epochs} epochs")
     torch.manual_seed(seed)
     gated = gate(work.make_model(), example, feature_names=work.feature_names, feature_dim=work.feature_dim)
-    phases["gated"] = train(gated, work, 2 * epochs, name="gated", seed=seed, target=target, cost=cost,
-                            progress=progress)
+    run_phase(gated.to(device), "gated", 2 * epochs, name="gated", seed=seed, target=target, cost=cost)
+    dense, gated = dense.cpu(), gated.cpu()  # compaction and the CPU measurements
 
     log("[3/4] compacting")
     compacted = compact(gated, example)
     rep = report(gated, example)
+    if ranks is not None:
+        check_same_model(compacted, ranks, "lumos.pipeline.run_lumos")
     fine_tuned = compacted
     if fine_tune_epochs:
         log(f"[4/4] fine-tuning the compacted model: {fine_tune_epochs} epochs")
-        fine_tuned = copy.deepcopy(compacted)
-        phases["fine_tune"] = train(fine_tuned, work, fine_tune_epochs, name="fine-tune", seed=seed + 1,
-                                    progress=progress)
+        fine_tuned = copy.deepcopy(compacted).to(device)
+        run_phase(fine_tuned, "fine_tune", fine_tune_epochs, name="fine-tune", seed=seed + 1)
+        fine_tuned = fine_tuned.cpu()
     return LumosOutcome(work, target, cost, checkpoint, dense, gated, compacted, fine_tuned, rep, phases)
 
 
@@ -301,7 +326,8 @@ def write_report(result: PipelineResult, phases: dict[str, Phase], out_dir: str 
 def run_workload(name: str = "cfd_flux", *, size: str = "full", target: float = 0.2, cost: str = "params",
                  epochs: int | None = None, fine_tune_epochs: int | None = None, seed: int = 0,
                  out_dir: str | Path | None = "lumos-demo", latency_repeats: int = 50, progress: bool = True,
-                 log=print) -> PipelineResult:
+                 log=print, checkpoint_dir: str | Path | None = None,
+                 fit_options: dict | None = None) -> PipelineResult | None:
     """Run the pipeline on built-in workload ``name`` and write its report into ``out_dir``.
 
     Args:
@@ -313,10 +339,20 @@ def run_workload(name: str = "cfd_flux", *, size: str = "full", target: float = 
         out_dir: folder for ``report.md``, ``report.json``, ``report.png``, ``training.png``
             (None: write nothing).
         latency_repeats: timed forwards per model.
+        checkpoint_dir, fit_options: see :func:`run_lumos`.
+
+    Under ``torchrun`` the training is data-parallel; every rank checks that it compacted to the
+    same model, rank 0 measures and writes the report, and the other ranks return None.
     """
+    ranks = distributed_run()
+    main = ranks is None or ranks.main
+    log = log if main else (lambda *args, **kwargs: None)
     work = workloads.load(name, size, seed=seed)
     outcome = run_lumos(work, target=target, cost=cost, epochs=epochs, fine_tune_epochs=fine_tune_epochs,
-                        seed=seed, progress=progress, log=log)
+                        seed=seed, progress=progress and main, log=log, checkpoint_dir=checkpoint_dir,
+                        fit_options=fit_options, ranks=ranks)
+    if not main:
+        return None
     log("measuring")
     result = measure(outcome, latency_repeats)
     if out_dir is not None:

@@ -76,6 +76,12 @@ def test_report_files_hold_the_run(run):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_graph_workload_refuses_fit_options_it_cannot_honour(tmp_path):
+    with pytest.raises(ValueError, match=r"lumos\.evaluation\.train: workload 'molecules' .* cannot take precision"):
+        run_workload("molecules", size="small", out_dir=tmp_path, progress=False, log=lambda *a: None,
+                     fit_options={"precision": "bf16"})
+
+
 def test_speed_text_says_slower_when_slower():
     assert speed_text(2.0, 1.0) == "2.00x faster"
     assert speed_text(1.0, 1.25) == "1.25x slower"

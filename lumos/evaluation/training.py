@@ -36,16 +36,25 @@ def _tensor_pairs(work: Workload) -> bool:
 
 
 def train(model: nn.Module, work: Workload, epochs: int, *, name: str, seed: int = 0, target: float | None = None,
-          cost: str = "params", progress: bool = False) -> Phase:
+          cost: str = "params", progress: bool = False, fit_options: dict | None = None) -> Phase:
     """Train ``model`` on ``work.train`` for ``epochs`` with the workload's loss, learning rate and
-    batch size, selecting the best epoch on ``work.val`` (within budget, with a ``target``)."""
+    batch size, selecting the best epoch on ``work.val`` (within budget, with a ``target``).
+
+    ``fit_options``: more :func:`lumos.fit` arguments (``checkpoint``, ``checkpoint_every``,
+    ``precision``, ``compile``, ``distributed``); graph workloads, which do not train through
+    ``lumos.fit``, refuse those that are set.
+    """
     settings = dict(loss_fn=work.loss_fn, metric=work.metric, epochs=epochs, lr=work.fit_defaults["lr"],
                     batch_size=work.fit_defaults["batch_size"], seed=seed, progress=progress, description=name)
     if target is not None:
         settings.update(target=target, cost=cost)
+    options = {k: v for k, v in (fit_options or {}).items() if v not in (None, False, "fp32")}
     start = time.perf_counter()
     if _tensor_pairs(work):
-        history = fit(model, work.train, work.val, **settings)
+        history = fit(model, work.train, work.val, **settings, **options)
+    elif options:
+        raise ValueError(f"lumos.evaluation.train: workload {work.name!r} trains on graph batches outside "
+                         f"lumos.fit and cannot take {', '.join(sorted(options))}; run it without them")
     else:
         history = _fit_graph_batches(model, work.train, work.val, **settings)
     return Phase(name, history, time.perf_counter() - start)
