@@ -139,12 +139,17 @@ def _run(args, name: str) -> int:
         return 2
     if args.nproc > 1 and not launched_by_torchrun():
         return _launch(args.nproc, args.argv)
+    from .compact import CompactionError
     from .pipeline import run_workload
 
     options = dict(precision=args.precision, compile=args.compile, checkpoint_every=args.checkpoint_every)
-    result = run_workload(name, size=args.size, target=args.target, cost=args.cost, epochs=args.epochs,
-                          fine_tune_epochs=args.fine_tune_epochs, seed=args.seed, out_dir=args.out,
-                          progress=not args.no_progress, checkpoint_dir=args.checkpoint, fit_options=options)
+    try:
+        result = run_workload(name, size=args.size, target=args.target, cost=args.cost, epochs=args.epochs,
+                              fine_tune_epochs=args.fine_tune_epochs, seed=args.seed, out_dir=args.out,
+                              progress=not args.no_progress, checkpoint_dir=args.checkpoint, fit_options=options)
+    except CompactionError as err:  # e.g. the gated model predicts a constant: say so, no traceback
+        print(f"lumos {args.command}: {err}", file=sys.stderr)
+        return 1
     if result is None:  # a data-parallel rank other than 0: rank 0 reports
         return 0
     print()

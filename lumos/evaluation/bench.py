@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import workloads
+from ..compact import CompactionError
 from ..metrics import measure_inference
 from ..pipeline import LumosOutcome, example_inputs, flops_per_sample, inference_inputs, batch_label, run_lumos
 from ..report import count_params
@@ -118,7 +119,12 @@ def bench_workload(name: str, *, size: str = "small", seed: int = 0, target: flo
     """The rows of ``dense``, ``lumos`` and each of ``baselines_to_run`` on workload ``name`` (see the
     module docstring)."""
     work = workloads.load(name, size, seed=seed)
-    outcome = run_lumos(work, target=target, cost="params", seed=seed, progress=progress, log=log)
+    try:
+        outcome = run_lumos(work, target=target, cost="params", seed=seed, progress=progress, log=log)
+    except CompactionError as err:  # e.g. the gated model collapsed to a constant: reported, not fatal
+        log(f"[lumos] {name}: {err}")
+        return [_row(work, "lumos", seed=seed, target=target, model=None, dense={"metric": None},
+                     train_seconds=None, features_kept=None, skipped=f"CompactionError: {err}")]
     fine_tune_epochs = work.fit_defaults["epochs"] + work.fit_defaults["fine_tune_epochs"]
     phases = outcome.phases
     dense_seconds = phases["dense"].seconds + phases["dense_more"].seconds

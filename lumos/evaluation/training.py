@@ -17,6 +17,7 @@ from torch import nn
 
 from ..train import BudgetController, FitLoop, History, evaluate, fit, param_groups
 from ..train.data import LoaderData
+from ..train.forward import forward_modules
 from ..workloads import Workload
 
 TOLERANCE = 0.02  # lumos.fit's default: an epoch within target + 0.02 counts as within budget
@@ -82,8 +83,9 @@ def _fit_graph_batches(model: nn.Module, train, val, *, loss_fn, metric, epochs:
         controller = BudgetController(model, target, steps, cost, who="lumos.evaluation.train")
     loop = FitLoop(model, torch.optim.Adam(param_groups(model, lr)), loss_fn, controller=controller, lam=0.0,
                    cost=cost, tolerance=TOLERANCE)
+    loop.forward, loop.eval_forward = forward_modules(model, loop.device)
     for _ in tqdm(range(epochs), desc=description, disable=not progress, leave=True):
-        row = loop.run_epoch(train_data, batch_size, None)
-        row["val_loss"], row["val_metric"] = evaluate(model, val, loss_fn, metric)
+        row = loop.run_epoch(train_data, batch_size)
+        row["val_loss"], row["val_metric"] = evaluate(loop.eval_forward, val, loss_fn, metric)
         loop.end_epoch(row, row["val_loss"], None)
     return loop.finish(restore_best=True)
