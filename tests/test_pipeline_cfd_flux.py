@@ -12,7 +12,7 @@ from lumos.pipeline import run_workload
 from lumos.report import count_params
 from lumos.workloads import load
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 TARGET = 0.2
 
 

@@ -14,6 +14,8 @@ from lumos import CompactionError, workloads
 from lumos.pipeline import batch_label, inference_inputs, run_workload, speed_text
 from lumos.report import count_params
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; see conftest
+
 ALL = workloads.available()
 ATOL, RTOL = 1e-4, 1e-4  # float32, compacted vs gated eval
 

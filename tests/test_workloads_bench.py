@@ -7,6 +7,8 @@ from lumos import workloads
 from lumos.evaluation import bench
 from lumos.evaluation.bench import METHODS, PARAMS_TOLERANCE, relative_loss, run_bench
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models; see conftest
+
 REQUIRED = ("workload", "method", "params_kept", "flops_kept", "metric_name", "metric", "metric_dense",
             "higher_is_better", "cpu_speedup", "latency_batch", "train_time_ratio", "features_kept",
             "relevant_features", "peak_memory_bytes", "memory_method", "energy_j", "energy_method")
