@@ -84,85 +84,61 @@ def check_masked_linear_args(x, weight, bias, m_in, m_out) -> None:
 
 
 class _MaskedLinearTorch(torch.autograd.Function):
-    """The torch backend: ``nn.Linear``'s GEMMs, gates applied around them, the backward of the
-    module docstring with ``R = G.T @ x`` computed once (it becomes ``dW``).
+    """The torch backend: ``nn.Linear``'s GEMMs with the gates applied around them, and the
+    backward of the module docstring arranged so that every extra pass is over an
+    activation-sized ``(M, K)`` or ``(M, N)`` tensor, none over the weight:
 
-    Autograd of the plain expression would keep the ungated product ``y_pre`` (M, N) for
-    ``dm_out = (G * y_pre).sum(0)`` and allocate two more (M, N) products in the backward; on
-    CPU that memory churn costs more than the arithmetic (glibc returns the freed heap top to
-    the system and page-faults it back every step). This function saves only what
-    ``nn.Linear`` saves (``x``, ``weight``) plus the bias and gates, and reduces the gate
-    gradients from ``R`` (row and column dot products with ``W``). Each gate scales the
-    smaller operand (``x`` or the weight's columns for ``m_in``; ``y`` in place or the weight's
-    rows for ``m_out``). The output is a new tensor no backward reads: safe to modify in place.
+        a = (x * m_in) @ W.T + b  (saved when ``m_out`` needs a gradient),  y = a * m_out
+        Gm = G * m_out;  dW = Gm.T @ (x * m_in);  db = Gm.sum(0);  dm_out = (G * a).sum(0)
+        P = Gm @ W;  dx = P * m_in;  dm_in = (P * x).sum(0)
+
+    ``m_in`` scales whichever of ``x`` and the weight's columns is smaller. The output is a
+    new tensor no backward reads: safe to modify in place.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, m_in, m_out):
-        n, k = weight.shape
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)
-        rows = x2.shape[0]
+    def forward(ctx, x2, weight, bias, m_in, m_out):
+        n = weight.shape[0]
         m_in_w = None if m_in is None else m_in.to(weight.dtype)
         m_out_w = None if m_out is None else m_out.to(weight.dtype)
-        ctx.save_for_backward(x2, weight, bias, m_in_w, m_out_w)
-        ctx.gate_dtypes = (None if m_in is None else m_in.dtype, None if m_out is None else m_out.dtype)
-        ctx.x_shape = x.shape
-        w, xs, b = weight, x2, bias
+        xs, w = x2, weight
         if m_in_w is not None:
-            if rows <= n:
+            if x2.shape[0] <= n:
                 xs = x2 * m_in_w
             else:
-                w = w * m_in_w
-        scale_output = m_out_w is not None and rows <= k
-        if m_out_w is not None and not scale_output:
-            w = w * m_out_w[:, None]
-            b = None if b is None else b * m_out_w
-        out = torch.empty((*lead, n), dtype=x.dtype, device=x.device)
-        out2 = out.view(-1, n)
-        if b is None:
-            torch.mm(xs, w.t(), out=out2)
-        else:
-            torch.addmm(b, xs, w.t(), out=out2)
-        if scale_output:
-            out2.mul_(m_out_w)
-        return out
+                w = weight * m_in_w
+        a = F.linear(xs, w, bias)
+        keep_a = m_out is not None and ctx.needs_input_grad[4]
+        ctx.save_for_backward(x2, weight, m_in_w, m_out_w, a if keep_a else None)
+        ctx.gate_dtypes = (None if m_in is None else m_in.dtype, None if m_out is None else m_out.dtype)
+        ctx.has_bias = bias is not None
+        return a if m_out_w is None else a * m_out_w
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, weight, bias, m_in, m_out = ctx.saved_tensors
+        x2, weight, m_in, m_out, a = ctx.saved_tensors
         need_x, need_w, need_b, need_in, need_out = ctx.needs_input_grad
-        need_in, need_out = need_in and m_in is not None, need_out and m_out is not None
-        n, k = weight.shape
-        g = grad_y.reshape(-1, n)
+        n = weight.shape[0]
+        g = grad_y
+        gm = g if m_out is None else g * m_out
         dx = dw = db = dm_in = dm_out = None
-        g_sum = g.sum(0) if (need_b and bias is not None) or (need_out and bias is not None) else None
-        if need_x:
-            if m_out is None:
-                dx = g @ weight
-            elif g.shape[0] <= k:
-                dx = (g * m_out) @ weight
+        if need_x or (need_in and m_in is not None):
+            p = gm @ weight  # (M, K)
+            if need_in and m_in is not None:
+                dm_in = (p * x2).sum(0).to(ctx.gate_dtypes[0])
+            if need_x:
+                dx = p if m_in is None else p.mul_(m_in)
+        if need_w:
+            if m_in is None:
+                dw = gm.t() @ x2
+            elif x2.shape[0] <= n:
+                dw = gm.t() @ (x2 * m_in)
             else:
-                dx = g @ (weight * m_out[:, None])
-            if m_in is not None:
-                dx.mul_(m_in)
-            dx = dx.view(ctx.x_shape)
-        if need_w or need_in or need_out:
-            r = g.t() @ x2  # (N, K): the plain dW product, computed once
-            if need_in:  # sum over outputs of m_out * W * R, before R takes m_in
-                wr = weight * r
-                dm_in = (wr if m_out is None else wr * m_out[:, None]).sum(0).to(ctx.gate_dtypes[0])
-            if m_in is not None:
-                r.mul_(m_in)  # now G.T @ (x * m_in)
-            if need_out:
-                dm_out = torch.linalg.vecdot(weight, r)
-                if bias is not None:
-                    dm_out = dm_out + bias * g_sum
-                dm_out = dm_out.to(ctx.gate_dtypes[1])
-            if need_w:
-                dw = r if m_out is None else r.mul_(m_out[:, None])
-        if need_b and bias is not None:
-            db = g_sum if m_out is None else g_sum * m_out
+                dw = (gm.t() @ x2).mul_(m_in)
+        if need_b and ctx.has_bias:
+            db = gm.sum(0)
+        if need_out and m_out is not None:
+            dm_out = (g * a).sum(0).to(ctx.gate_dtypes[1])
         return dx, dw, db, dm_in, dm_out
 
 
@@ -170,7 +146,8 @@ def _masked_linear_torch(x, weight, bias, m_in, m_out):
     """The torch backend (:class:`_MaskedLinearTorch`); without gates, ``F.linear`` itself."""
     if m_in is None and m_out is None:
         return F.linear(x, weight, bias)
-    return _MaskedLinearTorch.apply(x, weight, bias, m_in, m_out)
+    y = _MaskedLinearTorch.apply(x.reshape(-1, weight.shape[1]), weight, bias, m_in, m_out)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _has_work(x, weight) -> bool:

@@ -240,6 +240,29 @@ def test_masked_linear_torch_backend_matches_the_reference_values_and_gradients(
             torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("bias, m_in, m_out", [(True, False, True), (False, True, False), (False, True, True),
+                                                (True, True, True)])
+@pytest.mark.parametrize("frozen", ["none", "weights", "gates"])
+def test_masked_linear_torch_backend_gradients_with_some_arguments_absent_or_frozen(bias, m_in, m_out, frozen):
+    """Every combination the backward branches on: absent bias or gate, weights or gates without
+    gradient, gates in another dtype (fp32 gates on fp64 weights)."""
+    x, w = _f64(5, 9), _f64(7, 9)
+    b = _f64(7) if bias else None
+    gi = torch.rand(9, requires_grad=True) if m_in else None
+    go = torch.rand(7, requires_grad=True) if m_out else None
+    frozen_args = {"none": [], "weights": [w, b], "gates": [gi, go]}[frozen]
+    for t in frozen_args:
+        if t is not None:
+            t.requires_grad_(False)
+    args = [t for t in (x, w, b, gi, go) if t is not None and t.requires_grad]
+    y, y_ref = masked_linear(x, w, b, gi, go), masked_linear_reference(x, w, b, gi, go)
+    torch.testing.assert_close(y, y_ref)
+    grad = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, args, grad), torch.autograd.grad(y_ref, args, grad)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+
+
 def test_message_passing_torch_backend_gradients_are_the_closed_forms_of_kernels_md():
     """Autograd through the torch backend against the explicit gradients the Triton kernels compute."""
     csr = to_csr(_graph(num_nodes=8, num_edges=30, seed=4), 8)
