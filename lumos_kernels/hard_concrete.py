@@ -21,9 +21,10 @@ the safe direction. Every backend therefore forces the same gates, bit for bit.
 
 Backends (:mod:`lumos_kernels.dispatch`):
 
-- torch (CPU tensors): the formulas above in plain torch, differentiated by autograd
-  (:func:`hard_concrete_reference` is this backend): about 30 tensor ops per call whatever
-  the number of gates, which ``torch.compile`` fuses;
+- torch (CPU tensors): the formulas above in plain torch, computed without recording a
+  graph, with the Triton op's closed-form backward (below) as one autograd node: about 40
+  small tensor ops per call whatever the number of gates. :func:`hard_concrete_reference`
+  is the same formulas differentiated by autograd (the oracle of both backends);
 - Triton (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): the custom op
   ``torch.ops.lumos.hard_concrete``; one launch samples every gate of a flat buffer (layers
   keep views into it) and fuses ``sum p_open``, accumulated in fp32 (fp64 for fp64 logits)
@@ -176,14 +177,9 @@ def log_alpha_bounds(t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA, 
     return closed_max, open_min
 
 
-def _sample_torch(log_alpha, key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range, with_sum):
-    """The torch backend: ``(m, sum p_open or None)``, differentiable in ``log_alpha`` by autograd.
-
-    Only ``where`` (which saves its condition) touches the mask last, so the mask is a fresh
-    tensor no backward reads: safe to modify in place.
-    """
-    # contiguous: CPU kernels may round a strided layout differently, and masks must not depend on it
-    work = log_alpha.to(_compute_dtype(log_alpha)).contiguous()
+def _gate_values(work, key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range):
+    """``(z, forced_open, forced)`` of the module docstring's formulas for compute-dtype logits
+    ``work`` (differentiable in ``work`` where autograd records)."""
     if training:
         with torch.no_grad():  # the noise: logit(u), clamped as the kernel clamps u
             u = gate_uniform(key, offset, work.numel(), work.device).to(work.dtype).view(work.shape)
@@ -198,8 +194,38 @@ def _sample_torch(log_alpha, key, offset, training, t_l, t_u, beta, gamma, zeta,
     with torch.no_grad():
         forced_open = work >= open_min  # open_min NaN (t_u = 1): never
         forced = forced_open | (work <= closed_max)
-    m = torch.where(forced, forced_open.to(work.dtype), z).to(log_alpha.dtype)
-    return m, (p_open(work, beta, gamma, zeta).sum() if with_sum else None)
+    return z, forced_open, forced
+
+
+def _compute_input(log_alpha: torch.Tensor) -> torch.Tensor:
+    # contiguous: CPU kernels may round a strided layout differently, and masks must not depend on it
+    return log_alpha.to(_compute_dtype(log_alpha)).contiguous()
+
+
+class _HardConcreteTorch(torch.autograd.Function):
+    """The torch backend: ``(m, dm, p_open_sum)`` computed without recording a graph, as the
+    Triton kernel computes them, and the Triton op's one backward (:func:`_hard_concrete_backward`):
+    a sampling call is a few dozen tensor ops on small vectors, whose cost is their dispatch, so
+    one closed-form backward node replaces autograd's dozen. The mask is a new tensor that no
+    backward reads: safe to modify in place."""
+
+    @staticmethod
+    def forward(ctx, log_alpha, key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range, with_sum):
+        work = _compute_input(log_alpha)
+        z, forced_open, forced = _gate_values(work, key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range)
+        live = ~forced & (z > 0) & (z < 1)
+        slope = (z - gamma).mul_(zeta - z).mul_(1.0 / ((zeta - gamma) * (beta if training else 1.0)))
+        dm = torch.where(live, slope, 0.0)
+        m = torch.where(forced, forced_open.to(work.dtype), z).to(log_alpha.dtype)
+        total = p_open(work, beta, gamma, zeta).sum() if with_sum else work.new_zeros(())
+        ctx.save_for_backward(log_alpha, dm)
+        ctx.mark_non_differentiable(dm)
+        ctx.distribution = (beta, gamma, zeta)
+        return m, dm, total
+
+    @staticmethod
+    def backward(ctx, grad_m, grad_dm, grad_sum):
+        return (*_hard_concrete_backward(ctx, grad_m, grad_dm, grad_sum), None)
 
 
 def hard_concrete_reference(log_alpha, seed, offset, training, t_l=T_LOW, t_u=T_UP,
@@ -208,9 +234,10 @@ def hard_concrete_reference(log_alpha, seed, offset, training, t_l=T_LOW, t_u=T_
     device; gradients from autograd): the oracle of the Triton kernels, whose backward is the
     closed-form derivative."""
     key = seed if isinstance(seed, torch.Tensor) else as_int64(seed)
-    m, _ = _sample_torch(log_alpha, key, int(offset), bool(training), float(t_l), float(t_u), float(beta),
-                         float(gamma), float(zeta), float(noise_range), False)
-    return m
+    work = _compute_input(log_alpha)
+    z, forced_open, forced = _gate_values(work, key, int(offset), bool(training), float(t_l), float(t_u),
+                                          float(beta), float(gamma), float(zeta), float(noise_range))
+    return torch.where(forced, forced_open.to(work.dtype), z).to(log_alpha.dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -321,5 +348,5 @@ def hard_concrete(log_alpha: torch.Tensor, seed: int | torch.Tensor, offset: int
             key = seed.reshape(()).to(dtype=torch.int64, device="cpu" if seed.is_cpu else log_alpha.device)
         else:
             key = _seed_tensor(seed) if torch.compiler.is_compiling() else as_int64(seed)
-        m, p_open_sum = _sample_torch(log_alpha, key, int(offset), *args, return_p_open_sum)
+        m, _, p_open_sum = _HardConcreteTorch.apply(log_alpha, key, int(offset), *args, return_p_open_sum)
     return (m, p_open_sum) if return_p_open_sum else m

@@ -219,6 +219,9 @@ def test_hard_concrete_torch_backend_gradients_are_the_closed_forms_of_kernels_m
     in_band = (pi > 0.05) & (pi <= 0.95)
     for training in (True, False):
         m, total = hard_concrete(log_alpha, seed=3, offset=9, training=training, return_p_open_sum=True)
+        assert torch.equal(m, hard_concrete_reference(log_alpha, 3, 9, training))  # the same formulas
+        ref_grad = torch.autograd.grad((hard_concrete_reference(log_alpha, 3, 9, training) * 1.0).sum(), log_alpha)[0]
+        torch.testing.assert_close(ref_grad, torch.autograd.grad(m.sum(), log_alpha, retain_graph=True)[0])
         torch.testing.assert_close(total, pi.sum())
         live = in_band & (m > 0) & (m < 1)
         assert live.sum() > 50 and (~live).sum() > 50
