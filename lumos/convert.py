@@ -7,9 +7,11 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .plan import check_not_meta, plan_model
 from .plan.planner import kept_whole as modules_kept_whole
+from .plan.record import Whole
 from .plan.trace import has_hooks
 from .model import GatedModel, as_input_tuple
 from .nn import FeatureGate, GatedLinear
@@ -72,7 +74,25 @@ def _whole_reason(gm, name: str, calls: Counter) -> str:
         return "called more than once per forward (shared weights)"
     if any(n.op == "get_attr" and n.target.startswith(name + ".") for n in gm.graph.nodes):
         return "its weights are also read directly in forward (tied weights)"
-    return "named in leaf_modules (kept whole)"
+    if name in gm.meta.get("lumos_user_leaves", ()):
+        return "named in leaf_modules (kept whole)"
+    return ("compaction keeps it whole: lumos has no rule for this configuration or call (e.g. "
+            "MultiheadAttention with add_bias_kv or add_zero_attn, a conv on an unbatched input)")
+
+
+def _variant_reason(module: nn.Module) -> str | None:
+    """Why a layer of a gateable kind that is not exactly that type stays ungated (None for
+    others): a parametrized layer (``weight_norm``, ``spectral_norm``) would lose its
+    parametrization in a gated twin; a subclass may compute something else in ``forward``."""
+    if type(module) in GATED_LAYERS or not isinstance(module, tuple(GATED_LAYERS)) \
+            or type(module).__module__.startswith("lumos."):
+        return None
+    if parametrize.is_parametrized(module):
+        names = ", ".join(f"`{name}`" for name in module.parametrizations)
+        return (f"its {names} is parametrized (weight_norm, spectral_norm...), which a gated twin would drop; "
+                "compaction turns it into a plain layer")
+    base = next(t for t in type(module).__mro__ if t in GATED_LAYERS)
+    return f"{type(module).__name__} is a subclass of {base.__name__}; lumos gates only {base.__name__} itself"
 
 
 def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
@@ -90,15 +110,22 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
     outputs = [plan.space_of[a] for n in plan.gm.graph.nodes if n.op == "output"
                for a in n.all_input_nodes if a in plan.space_of]
     calls = Counter(node.target for node in plan.gm.graph.nodes if node.op == "call_module")
-    whole = modules_kept_whole(plan.gm)
+    whole = modules_kept_whole(plan.gm) | {n.target for n in plan.gm.graph.nodes
+                                            if n.op == "call_module" and isinstance(records[n], Whole)}
     chosen, skipped = [], {}
     for name, module in model.named_modules():
-        if type(module) not in GATED_LAYERS:
+        variant = _variant_reason(module)
+        if type(module) not in GATED_LAYERS and variant is None:
             continue
         parent = next((called for called in calls if name.startswith(called + ".")), None)
         if parent is not None:
             if not isinstance(plan.module_of(parent), PRUNED_INSIDE) or parent in whole:
-                skipped[name] = f"inside `{parent}`, which lumos keeps whole (a leaf module)"
+                why = "a leaf module" if parent in plan.gm.meta.get("lumos_user_leaves", ()) \
+                    else _whole_reason(plan.gm, parent, calls)
+                skipped[name] = f"inside `{parent}`, which lumos keeps whole ({why})"
+            continue
+        if variant is not None:
+            skipped[name] = variant
             continue
         if calls.get(name, 0) == 0:
             skipped[name] = "never called in forward (or called inside a leaf module)"
@@ -148,6 +175,7 @@ class _Plain(GatedModel):
         super().__init__(model, None, feature_dim)
 
 
+@torch.inference_mode(False)  # called in an inference_mode block, the gated model must still train outside one
 def gate(model: nn.Module, example_inputs, *, features: bool = True,
          feature_names: Sequence[str] | None = None, feature_dim: int = -1,
          leaf_modules: Iterable = (), mask_seed: int = 0, **gate_kwargs) -> GatedModel:

@@ -13,11 +13,7 @@ from .gates import HardConcreteGate
 from .model import as_input_tuple
 from .nn import FeatureGate
 from .plan import check_gates, check_not_meta, default_inputs, plan_model
-
-def count_params(model: nn.Module) -> int:
-    """Parameters of ``model``, gate logits excluded."""
-    gate_params = {id(p) for m in model.modules() if isinstance(m, HardConcreteGate) for p in m.parameters()}
-    return sum(p.numel() for p in model.parameters() if id(p) not in gate_params)
+from .plan.record import count_params
 
 
 def count_flops(model: nn.Module, example_inputs: tuple) -> float:

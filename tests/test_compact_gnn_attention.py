@@ -182,19 +182,22 @@ def test_compact_attention_with_masks_selects_kept_heads(per_head):
     assert _n_params(compacted) == lumos.report(gated, inputs).params_after
 
 
-def test_compact_refuses_used_attention_weights_of_removed_heads():
+def test_compact_keeps_every_head_whose_attention_weights_are_used():
+    """Used attention weights (need_weights=True) keep every head, closed ones too: the weights
+    are reproduced exactly; only a layer with every value dim closed (no head computed) is refused."""
     torch.manual_seed(0)
     inputs = (torch.randn(3, 7, 6), *_masks())
     gated = lumos.gate(MaskedSelfAttention(need_weights=True).eval(), inputs)
     with torch.no_grad():
         gated.get_submodule("model.attn").head_gate.log_alpha.copy_(torch.tensor([OPEN, CLOSED, OPEN, OPEN]))
-    with pytest.raises(CompactionError, match="need_weights=False"):
-        lumos.compact(gated, inputs)
-    with torch.no_grad():  # every head kept: the weights are reproduced exactly
-        gated.get_submodule("model.attn").head_gate.log_alpha.fill_(OPEN)
     compacted = lumos.compact(gated, inputs)
     for got, want in zip(compacted(*inputs), gated.eval()(*inputs)):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    assert _n_params(compacted) == lumos.report(gated, inputs).params_after
+    with torch.no_grad():
+        gated.get_submodule("model.attn").v_dim_gate.log_alpha.fill_(CLOSED)
+    with pytest.raises(CompactionError, match="need_weights=False"):
+        lumos.compact(gated, inputs)
 
 
 # -- training with the penalty closes gates ----------------------------------------------------------

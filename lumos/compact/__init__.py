@@ -44,6 +44,7 @@ def _refuse_tied_gated_layers(plan) -> None:
                     "layers ungated: gate the original model with lumos.gate, or untie the weights")
 
 
+@torch.inference_mode(False)  # called in an inference_mode block, the model must still work outside one
 def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | None = None,
             keep_input_shape: bool = True) -> fx.GraphModule:
     """Build the plain, compacted model of ``gated`` (which is left untouched), and check it.
@@ -57,7 +58,8 @@ def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
             Defaults to those given to :func:`lumos.gate`.
         keep_input_shape: True (default): the compacted model takes the full input and selects
             the kept features itself. False: it takes only the kept feature columns, in order
-            (``lumos.report(gated).kept_features`` names them).
+            (``lumos.report(gated).kept_features`` names them); without a feature gate
+            (``lumos.gate(..., features=False)``) the input stays whole either way.
 
     Returns:
         An ``fx.GraphModule`` in eval mode holding only torch modules, torch functions and
@@ -76,6 +78,8 @@ def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
         else default_inputs(gated)
     check_not_meta(gated, inputs, "lumos.compact")
     check_gates(gated, "lumos.compact")
+    if not any(isinstance(m, FeatureGate) for m in gated.modules()):
+        keep_input_shape = True  # no feature gate: no feature is dropped, nothing says which columns to pass
     plan, records = plan_model(gated, inputs, leaf_modules=leaf_modules, keep_input_shape=keep_input_shape)
     _refuse_tied_gated_layers(plan)
     feature_node = next((n for n in plan.gm.graph.nodes if n.op == "call_module"
@@ -85,8 +89,13 @@ def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
                       "feature, or every unit of a layer on the input's path, is closed) and predicts "
                       "a constant; train with a larger budget or a smaller penalty", stacklevel=2)
     inner = gated.model if isinstance(gated, GatedModel) else gated
-    with torch.no_grad():
-        small, builder = build(plan, records, f"Compact{type(inner).__name__}")
+    was_training = gated.training
+    gated.eval()  # weights read in eval mode (a spectral_norm's power iteration must not run, nor move)
+    try:
+        with torch.no_grad():
+            small, builder = build(plan, records, f"Compact{type(inner).__name__}")
+    finally:
+        gated.train(was_training)
     flat = small
     hooked = plan.gm.meta.get("lumos_hooked", [])
     if hooked:  # containers with hooks become submodules of the same name, with the same hooks

@@ -122,11 +122,11 @@ def build_attention(node: fx.Node, record: Attention, b: Builder) -> None:
     heads, qk, vd, out = record.kept(node, b.plan)
     inputs = record.inputs_kept(node, b.plan)
     weights_used = any(u.users for u in result_items(node, 1))
-    if weights_used and heads.numel() < module.num_heads:
+    if weights_used and heads.numel() < module.num_heads:  # the plan keeps every head, unless no V dim is left
         raise CompactionError(
-            f"lumos.compact: the attention weights of `{node.target}` are used (need_weights=True), but "
-            f"{module.num_heads - heads.numel()} of its {module.num_heads} heads are removed, whose weights "
-            "the compacted model cannot reproduce; call it with need_weights=False")
+            f"lumos.compact: the attention weights of `{node.target}` are used (need_weights=True), but every "
+            "value dimension of it is closed, so its heads are removed and their weights cannot be computed; "
+            "call it with need_weights=False, or train with a budget that keeps a value dimension")
     w = projection_weights(module)
     head_gate, qk_gate, v_gate = attention_gates(module)
     ref = module.out_proj.weight

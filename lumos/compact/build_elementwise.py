@@ -69,6 +69,8 @@ def _affine(node: fx.Node, record: Elementwise, b: Builder, size: int) -> tuple:
     if record.op == MUL:
         scaled, other = (first, second) if first in affine else (second, first)
         return signals, coefs[scaled] * factor(other)[:, None]
+    if first not in affine:  # c / AFFINE is no affine value (the plan made it FREE: never read)
+        return None, None
     return signals, coefs[first] / factor(second)[:, None]
 
 

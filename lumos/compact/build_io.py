@@ -2,6 +2,8 @@
 and ops kept whole."""
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx, nn
 
@@ -19,6 +21,21 @@ def build_copy(node: fx.Node, record: Record, b: Builder) -> None:
     b.copy(node)
     if node in b.plan.space_of:
         b.values[node] = Value.zeros(b.plan.space_of[node].size)
+
+
+def build_input(node: fx.Node, record: Record, b: Builder) -> None:
+    """A model input, copied, with a check of its number of dims: the compacted ops name dims by
+    their index in the example's layout, so an input with more or fewer dims (an MLP compacted
+    on ``(N, F)`` rows fed ``(B, T, F)``) would put the channels elsewhere."""
+    build_copy(node, record, b)
+    shape = node_shape(node)
+    if shape is None:
+        return
+    x = b.env[node]
+    message = (f"lumos: this compacted model takes `{node.name}` with {len(shape)} dims, as the example it was "
+               f"compacted with (shape {tuple(shape)}); for inputs with another number of dims, call "
+               "lumos.compact with an example of that shape")
+    b.call_function(torch._assert, b.call_function(operator.eq, b.call_method("dim", x), len(shape)), message)
 
 
 def build_whole(node: fx.Node, record: Record, b: Builder) -> None:

@@ -9,9 +9,10 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from ..plan.ops_io import attr_value
-from ..plan.ops_norm import BatchNormLayer, GroupNormLayer, StatNorm
+from ..plan.ops_norm import BatchNormLayer, GroupNormLayer, InstanceNormLayer, StatNorm
 from ..plan.trace import node_shape
 from .builder import Builder, as64
 from .values import Value
@@ -26,7 +27,7 @@ def build_batch_norm(node: fx.Node, record: BatchNormLayer, b: Builder) -> None:
     if kept.numel() == 0:
         b.env[node] = b.no_channels(b.env[x], 1)
     else:
-        new = type(module)(kept.numel(), eps=module.eps, momentum=module.momentum, affine=module.affine,
+        new = parametrize.type_before_parametrizations(module)(kept.numel(), eps=module.eps, momentum=module.momentum, affine=module.affine,
                            track_running_stats=True, device=module.running_mean.device,
                            dtype=module.running_mean.dtype)
         with torch.no_grad():
@@ -43,6 +44,25 @@ def build_batch_norm(node: fx.Node, record: BatchNormLayer, b: Builder) -> None:
         scale, shift = scale * as64(module.weight), shift * as64(module.weight) + as64(module.bias)
     value = b.values[x].scaled(scale)
     b.values[node] = value.with_const(value.const + shift)
+
+
+def build_instance_norm(node: fx.Node, record: InstanceNormLayer, b: Builder) -> None:
+    """``nn.InstanceNorm`` with per-sample statistics at the kept channels; a dropped constant
+    channel normalises to 0, so it holds the bias (0 without affine parameters)."""
+    module = b.plan.module(node)
+    kept = b.plan.kept(b.plan.space_of[node])
+    x = node.args[0]
+    if kept.numel() == 0:
+        b.env[node] = b.no_channels(b.env[x], 1)
+    else:
+        new = parametrize.type_before_parametrizations(module)(kept.numel(), eps=module.eps, affine=module.affine,
+                                                              device="meta")
+        if module.affine:
+            new.weight = nn.Parameter(module.weight.detach()[kept].clone())
+            new.bias = nn.Parameter(module.bias.detach()[kept].clone())
+        b.env[node] = b.call_module(node.target, new, b.env[x])
+    size = b.plan.space_of[node].size
+    b.values[node] = Value(as64(module.bias) if module.affine else torch.zeros(size, dtype=torch.float64))
 
 
 def build_group_norm(node: fx.Node, record: GroupNormLayer, b: Builder) -> None:
@@ -62,8 +82,9 @@ def build_group_norm(node: fx.Node, record: GroupNormLayer, b: Builder) -> None:
         b.env[node] = b.call_module(node.target, new, b.env[x])
     weight = as64(module.weight) if module.affine else None
     bias = as64(module.bias) if module.affine else None
-    const = b.values[x].const.reshape(1, -1, 1)
-    b.values[node] = Value(F.group_norm(const, module.num_groups, weight, bias, module.eps).reshape(-1))
+    # a constant map of two positions (group_norm refuses groups of one value, as one channel per group has)
+    const = b.values[x].const.reshape(1, -1, 1).expand(1, -1, 2)
+    b.values[node] = Value(F.group_norm(const, module.num_groups, weight, bias, module.eps)[0, :, 0])
 
 
 def _affine(node: fx.Node, record: StatNorm, b: Builder, name: str, size: int) -> torch.Tensor | None:
@@ -102,6 +123,18 @@ def _params(node: fx.Node, record: StatNorm, b: Builder, name: str, kept: torch.
     return b.emit("get_attr", target, ())
 
 
+def _constant_norm(rms: bool, const: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """``(C,)`` float64: the norm of a row whose channels all hold the constants ``const``."""
+    if rms:
+        y = const * (const.pow(2).mean() + eps).rsqrt()
+    else:
+        centred = const - const.mean()
+        y = centred * (centred.pow(2).mean() + eps).rsqrt()
+    if weight is not None:
+        y = y * weight
+    return y + bias if bias is not None else y
+
+
 def _emit_stat_norm(node, record, b, x, dim, kept, removed, weight, bias):
     """Plain ops computing the kept outputs, and the :class:`Value` of the dropped ones.
 
@@ -137,6 +170,8 @@ def _emit_stat_norm(node, record, b, x, dim, kept, removed, weight, bias):
         return op(operator.add, op(operator.add, sl, quad), const)
 
     eps = record.eps if record.eps is not None else torch.finfo(node.meta.get("lumos_dtype", b.dtype)).eps
+    if k == 0 and signals is None:  # every input channel a constant: so is every output channel
+        return b.no_channels(b.env[x], dim), Value(_constant_norm(record.rms, alpha, weight, bias, eps))
     stat_dims = positions + [-1]
     if record.rms:  # mean of squares over the original width
         dropped = per_row(float((alpha ** 2).sum()), beta.t() @ alpha if beta is not None else None,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from ..plan import ChannelPlan, Record
 from ..plan.record import channel_view
@@ -23,6 +24,20 @@ def copy_hooks(source: nn.Module, target: nn.Module) -> None:
     for name in HOOK_DICTS:
         if hasattr(source, name):
             setattr(target, name, OrderedDict(getattr(source, name)))
+
+
+def without_parametrizations(module: nn.Module) -> nn.Module:
+    """``module`` (a copy, changed in place) with every parametrized tensor of it and its
+    submodules (``weight_norm``, ``spectral_norm``...) replaced by its eval-mode value: a plain
+    parameter, so that ``torch.save`` of the compacted model works (torch refuses to pickle
+    parametrized modules) and no power iteration runs again."""
+    training = module.training
+    module.eval()  # spectral_norm's power iteration runs (and moves its vectors) in training mode
+    for sub in module.modules():
+        if parametrize.is_parametrized(sub):
+            for name in list(sub.parametrizations):
+                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
+    return module.train(training)
 
 
 def eval_mask(gate, n: int) -> torch.Tensor:
@@ -92,7 +107,7 @@ class Builder:
         target = node.target
         if node.op == "call_module":
             original = self.plan.module(node)
-            module = copy.deepcopy(original)
+            module = without_parametrizations(copy.deepcopy(original))
             copy_hooks(original, module)
             if node.name in self.functionalized and getattr(module, "inplace", False):
                 module.inplace = False

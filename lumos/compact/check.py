@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from ..plan.channels import CONST
-from ..plan.errors import CompactionError
+from ..plan.errors import CompactionError, describe_node, leaf_hint
 from ..plan.probe import _cycled
 from .builder import Builder
 
@@ -72,21 +72,6 @@ class _Recorder(fx.Interpreter):
         return value
 
 
-def _describe(node: fx.Node, gm: fx.GraphModule) -> str:
-    if node.op == "call_module":
-        return f"`{node.name}` (module `{node.target}`, {type(gm.get_submodule(node.target)).__name__})"
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"`{node.name}` ({node.op} {target})"
-
-
-def _leaf_hint(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    path = next(reversed(stack.values()))[0] if stack else (node.target if node.op == "call_module" else "")
-    if path:
-        return f'keep that part whole with leaf_modules=["{path}"] and report this as a lumos bug'
-    return "report this as a lumos bug, with the model"
-
-
 def _first_disagreeing(b: Builder, small: fx.GraphModule, inputs: tuple, small_inputs: tuple) -> str:
     """The first original node whose kept channels, or dropped channels' constants, differ."""
     plan = b.plan
@@ -98,7 +83,7 @@ def _first_disagreeing(b: Builder, small: fx.GraphModule, inputs: tuple, small_i
         except Exception as err:  # noqa: BLE001 - reported below
             origin = got.failed.meta.get("lumos_origin") if got.failed is not None else None
             where = next((n for n in plan.gm.graph.nodes if n.name == origin), None)
-            what = _describe(where, plan.gm) if where is not None else "an op lumos emitted"
+            what = describe_node(where, plan.gm) if where is not None else "an op lumos emitted"
             return f"the compacted model fails at {what}: {type(err).__name__}: {err}"
     for node in plan.gm.graph.nodes:
         space, new = plan.space_of.get(node), b.env.get(node)
@@ -109,7 +94,7 @@ def _first_disagreeing(b: Builder, small: fx.GraphModule, inputs: tuple, small_i
         kept = plan.kept(space).to(want.device)
         if isinstance(have, torch.Tensor) and have.shape == want.index_select(space.dim, kept).shape:
             if disagreement(have, want.index_select(space.dim, kept)):
-                return f"kept channels of {_describe(node, plan.gm)} differ; {_leaf_hint(node)}"
+                return f"kept channels of {describe_node(node, plan.gm)} differ; {leaf_hint(node)}"
         removed = plan.removed(space)
         const = removed[plan.kinds(space)[removed] == CONST]
         if const.numel() and node in b.values:
@@ -117,8 +102,8 @@ def _first_disagreeing(b: Builder, small: fx.GraphModule, inputs: tuple, small_i
             view = [-1 if d == space.dim else 1 for d in range(want.dim())]
             expected = values.reshape(view).expand_as(want.index_select(space.dim, const.to(want.device)))
             if disagreement(expected, want.index_select(space.dim, const.to(want.device))):
-                return (f"dropped channels {const.tolist()[:8]} of {_describe(node, plan.gm)} do not hold the "
-                        f"constants compaction folded; {_leaf_hint(node)}")
+                return (f"dropped channels {const.tolist()[:8]} of {describe_node(node, plan.gm)} do not hold the "
+                        f"constants compaction folded; {leaf_hint(node)}")
     return "no single node differs (the outputs do): report this as a lumos bug, with the model"
 
 
@@ -143,6 +128,16 @@ def self_check(gated: nn.Module, small: nn.Module, flat: fx.GraphModule, b: Buil
                 small_inputs = (first,) + tuple(inputs[1:])
             with torch.no_grad():
                 want = gated(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
+                if inputs is fresh:
+                    again = gated(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
+                    why = disagreement(again, want)
+                    if why is not None:
+                        raise CompactionError(
+                            f"lumos.compact: the gated model in eval mode gives different outputs for the same input "
+                            f"({why}): it is random (dropout called with training=True, as in Monte Carlo dropout; "
+                            "torch.rand in forward), and no compacted model can equal it; make it deterministic in "
+                            "eval mode (F.dropout(x, p, training=self.training)), compact, and add the randomness "
+                            "back around the compacted model")
                 traced = plan.gm(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
                 why = disagreement(traced, want)
                 if why is not None:

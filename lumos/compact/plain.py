@@ -6,10 +6,11 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..nn import FeatureGate, GatedLinear, GatedMultiheadAttention
 from ..nn.conv import GATED_CONVS
-from .builder import as64, copy_hooks, eval_mask
+from .builder import as64, copy_hooks, eval_mask, without_parametrizations
 
 
 def folded_linear(module: GatedLinear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -42,7 +43,7 @@ def folded_conv(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 def plain_conv(module: nn.Module, c_in: int, c_out: int, groups: int, weight: torch.Tensor,
                bias: torch.Tensor | None) -> nn.Module:
     """A plain torch conv with ``module``'s hyper-parameters and the given widths and weights."""
-    plain = getattr(module, "_plain", type(module))
+    plain = getattr(module, "_plain", None) or parametrize.type_before_parametrizations(module)
     kwargs = dict(kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
                   dilation=module.dilation, groups=groups, bias=bias is not None,
                   padding_mode=module.padding_mode, device="meta")
@@ -102,7 +103,7 @@ def plain_twin(module: nn.Module) -> nn.Module:
     elif isinstance(module, FeatureGate):
         raise TypeError("plain_twin: a FeatureGate has no plain twin")
     else:
-        twin = copy.deepcopy(module)
+        twin = without_parametrizations(copy.deepcopy(module))
         for name, child in module.named_children():
             if is_gated(child):
                 setattr(twin, name, plain_twin(child))

@@ -7,6 +7,7 @@ from torch import fx
 
 from ..plan import ops_attention, ops_conv, ops_elementwise, ops_features, ops_graph, ops_io, ops_linear
 from ..plan import ops_index, ops_norm, ops_pool, ops_shape
+from ..plan.errors import CompactionError, failed_at
 from ..plan.record import Copy, Record, Whole
 from . import (build_attention, build_conv, build_elementwise, build_graph, build_index, build_io, build_linear,
                build_norm, build_shape)
@@ -18,7 +19,7 @@ BuildFn = Callable[[fx.Node, Record, Builder], None]
 BUILDERS: dict[type, BuildFn] = {
     Copy: build_io.build_copy,
     Whole: build_io.build_whole,
-    ops_io.Input: build_io.build_copy,
+    ops_io.Input: build_io.build_input,
     ops_io.Output: build_io.build_copy,
     ops_io.Attribute: build_io.build_attribute,
     ops_features.FeatureSelect: build_linear.build_feature_select,
@@ -26,6 +27,7 @@ BUILDERS: dict[type, BuildFn] = {
     ops_conv.ConvLayer: build_conv.build_conv,
     ops_norm.BatchNormLayer: build_norm.build_batch_norm,
     ops_norm.GroupNormLayer: build_norm.build_group_norm,
+    ops_norm.InstanceNormLayer: build_norm.build_instance_norm,
     ops_norm.StatNorm: build_norm.build_stat_norm,
     ops_elementwise.Elementwise: build_elementwise.build_elementwise,
     ops_pool.PassThrough: build_elementwise.build_pass_through,
@@ -54,7 +56,12 @@ def build(plan, records: dict[fx.Node, Record], class_name: str) -> tuple[fx.Gra
     b = Builder(plan, records)
     for node in plan.gm.graph.nodes:
         b.current = node
-        BUILDERS[type(records[node])](node, records[node], b)
+        try:
+            BUILDERS[type(records[node])](node, records[node], b)
+        except CompactionError:
+            raise
+        except Exception as err:  # a builder's bug: name the node, never a bare traceback
+            raise failed_at("lumos.compact", "build", node, plan.gm, err) from err
         if node in plan.space_of and node not in b.values:
             b.values[node] = Value.zeros(plan.space_of[node].size)
     b.current = None

@@ -171,6 +171,8 @@ def analyze_attention(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
     def any_kept(space):
         return lambda: bool(plan.kept_mask(space).any())
 
+    if any(u.users for u in result_items(node, 1)):  # used attention weights: every head's stays computed
+        plan.pin(heads)
     plan.consume(heads, lambda: output_read() and bool(plan.kept_mask(vd).any()))
     plan.consume(qk, any_kept(heads))
     plan.consume(vd, any_kept(heads))

@@ -133,7 +133,11 @@ def analyze_elementwise(node: fx.Node, plan: ChannelPlan, op: str) -> Record:
     varying = any(_varies(b, plan) for b in broadcast) or bool(numbers)
     # one entry per tensor argument, repeats included (x * x is quadratic in x)
     arguments = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node) and a in tied]
-    kinds = combine_kinds(op, [plan.kinds(plan.space_of[a]) for a in arguments], varying)
+    operand_kinds = [plan.kinds(plan.space_of[a]) for a in arguments]
+    first = node.args[0] if node.args else node.kwargs.get("input")
+    if op == DIV and first not in tied:  # a number (or a broadcast tensor) divided by tied channels
+        operand_kinds.insert(0, torch.full((shape[out_dim],), CONST, dtype=torch.long))
+    kinds = combine_kinds(op, operand_kinds, varying)
     out = plan.new_space(node, out_dim, kinds)
     for a in tied:
         plan.tie(out, plan.space_of[a])

@@ -1,7 +1,8 @@
 """Analysis of normalisations.
 
 - BatchNorm (eval, running statistics): a per-channel affine map, so channels pass through and
-  keep their kind (``y = a x + b`` of a CONST or AFFINE value is one too).
+  keep their kind (``y = a x + b`` of a CONST or AFFINE value is one too). InstanceNorm: channels
+  pass through, a constant channel gives its bias.
 - GroupNorm with several groups: a group's channels are tied (kept or dropped whole); a dropped
   group of constants has a constant output.
 - LayerNorm and RMSNorm over the channel dim (and GroupNorm with one group, which normalises a
@@ -26,6 +27,7 @@ from .record import Context, Record, whole
 from .trace import node_shape
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
 @dataclass
@@ -43,6 +45,29 @@ def analyze_batch_norm(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record
         return whole(node, plan)
     plan.same_space(node, node.args[0])
     return BatchNormLayer()
+
+
+@dataclass
+class InstanceNormLayer(Record):
+    """InstanceNorm with each sample's own statistics, sliced to the kept channels."""
+
+    def params(self, node, plan):
+        return 2 * plan.width(node) if plan.module(node).affine else 0
+
+
+def analyze_instance_norm(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
+    """Each channel normalised over its own positions: channels pass through, and a constant
+    channel normalises to 0 (its output is the bias). With running statistics, eval mode uses
+    them: a per-channel affine map, as BatchNorm."""
+    module = plan.module(node)
+    if module.track_running_stats:
+        return analyze_batch_norm(node, plan, ctx)
+    x = node.args[0]
+    space, shape = plan.space_of.get(x), node_shape(x)
+    if space is None or space.dim != 1 or shape is None or len(shape) < 3 or len(node.args) != 1:
+        return whole(node, plan)
+    plan.same_space(node, x, torch.where(plan.kinds(space) == CONST, CONST, FREE))
+    return InstanceNormLayer()
 
 
 @dataclass

@@ -15,7 +15,7 @@ from torch import fx, nn
 from ..gates import gates_of
 from ..model import GatedModel, as_input_tuple
 from .channels import ChannelPlan
-from .errors import CompactionError
+from .errors import CompactionError, failed_at
 from .probe import alternative_inputs
 from .record import Context, Record
 from .table import rule_for
@@ -123,7 +123,8 @@ def plan_model(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable 
         gm, feature_dim = trace_gated(gated, leaf_modules)
         functionalize(gm)
         feature_dim = feature_dim if isinstance(gated, GatedModel) else -1
-        alternatives = alternative_inputs(gated, example_inputs, feature_dim) if probe else []
+        fixed_dim = feature_dim if getattr(gated, "feature_gate", None) is not None else None  # else no dim is fixed
+        alternatives = alternative_inputs(gated, example_inputs, fixed_dim) if probe else []
         runs = propagate_shapes(gm, [example_inputs, *alternatives])
     finally:
         gated.train(was_training)
@@ -132,7 +133,12 @@ def plan_model(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable 
     ctx = Context(feature_dim, keep_input_shape, kept_whole(gm), gm.meta.get("lumos_mutated", set()),
                   assume_closed=assume_closed)
     for node in gm.graph.nodes:
-        ctx.records[node] = rule_for(node, plan, ctx)(node, plan, ctx)
+        try:
+            ctx.records[node] = rule_for(node, plan, ctx)(node, plan, ctx)
+        except CompactionError:
+            raise
+        except Exception as err:  # a rule's bug: name the node, never a bare traceback
+            raise failed_at(who, "analyse", node, gm, err) from err
     for node in gm.graph.nodes:  # tensors an in-place op touches through an alias stay whole
         if node.name in ctx.mutated and node in plan.space_of:
             plan.pin(plan.space_of[node])

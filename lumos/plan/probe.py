@@ -40,29 +40,38 @@ def _resized(example_inputs: tuple, first_sizes: dict[int, int], generator) -> t
     return tuple(out)
 
 
-def alternative_inputs(run: Callable, example_inputs: tuple, feature_dim: int, seed: int = 0) -> list[tuple]:
+def alternative_inputs(run: Callable, example_inputs: tuple, feature_dim: int | None, seed: int = 0) -> list[tuple]:
     """Input tuples that ``run`` (the model, in eval mode) accepts, shaped unlike ``example_inputs``:
     first another batch size, then also every dim of the first input other than the batch and
-    feature dims doubled. Candidates the model rejects are left out (an empty list is fine:
-    then every input the model accepts has the example's shape, up to what it cannot tell)."""
+    feature dims (None: no feature dim) doubled (all together, or, where the model refuses that, each alone). Integer
+    inputs are resized the same way (their entries cycled, so category ids stay valid).
+    Candidates the model rejects are left out (an empty list is fine: then every input the model
+    accepts has the example's shape, up to what it cannot tell; graph indices whose values name
+    rows of another input are usually such a case)."""
     first = example_inputs[0]
-    if first.dim() < 2 or any(isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.dtype == torch.bool)
-                              for t in example_inputs):
-        return []  # unbatched, or integer inputs (graph indices) whose sizes are tied to each other
+    if first.dim() < 2:
+        return []  # unbatched
     generator = torch.Generator().manual_seed(seed)
     batch = next(b for b in ALT_BATCH if b != first.shape[0])
-    feature = feature_dim % first.dim()
+    feature = feature_dim % first.dim() if feature_dim is not None else None
     spatial = {d: 2 * first.shape[d] for d in range(1, first.dim()) if d != feature}
-    candidates = [{0: batch}]
+    accepted = [inputs for inputs in [_resized(example_inputs, {0: batch}, generator)] if _accepts(run, inputs)]
     if spatial:
-        candidates.append({0: batch, **spatial})
-    accepted = []
-    for sizes in candidates:
-        inputs = _resized(example_inputs, sizes, generator)
-        try:
-            with torch.no_grad():
-                run(*inputs)
-        except Exception:  # noqa: BLE001 - any failure means "the model does not take this shape"
-            continue
-        accepted.append(inputs)
+        together = _resized(example_inputs, {0: batch, **spatial}, generator)
+        if _accepts(run, together):
+            accepted.append(together)
+        elif len(spatial) > 1:  # e.g. images whose channel dim is not the feature dim given: each dim alone
+            for d, size in spatial.items():
+                alone = _resized(example_inputs, {0: batch, d: size}, generator)
+                if _accepts(run, alone):
+                    accepted.append(alone)
     return accepted
+
+
+def _accepts(run: Callable, inputs: tuple) -> bool:
+    try:
+        with torch.no_grad():
+            run(*inputs)
+    except Exception:  # noqa: BLE001 - any failure means "the model does not take this shape"
+        return False
+    return True

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from torch import fx
+from torch import fx, nn
 
+from ..gates import HardConcreteGate
 from .channels import ChannelPlan, Space
 from .trace import node_shape
 
@@ -90,15 +91,20 @@ class Copy(Record):
     """An op copied as it is (no tracked channel: a shape read, an op on untracked tensors)."""
 
 
+def count_params(model: nn.Module) -> int:
+    """Parameters of ``model``, gate logits excluded."""
+    gate_params = {id(p) for m in model.modules() if isinstance(m, HardConcreteGate) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in gate_params)
+
+
 @dataclass
 class Whole(Record):
     """An op kept whole: every tracked input and its output keep every channel (exact, the
-    fallback for any op lumos has no rule for)."""
+    fallback for any op lumos has no rule for). A gated module kept whole becomes its plain
+    twin: its gate logits are no parameters of the compacted model."""
 
     def params(self, node, plan):
-        if node.op == "call_module":
-            return sum(p.numel() for p in plan.module(node).parameters())
-        return 0
+        return count_params(plan.module(node)) if node.op == "call_module" else 0
 
 
 def keep_inputs_whole(node: fx.Node, plan: ChannelPlan) -> None:

@@ -28,6 +28,7 @@ MODULE_RULES: tuple[tuple[tuple[type, ...], Analyzer], ...] = (
     ((GatedLinear, nn.Linear), ops_linear.analyze_linear),
     (ops_conv.CONV_TYPES, ops_conv.analyze_conv),
     (ops_norm.BATCH_NORMS, ops_norm.analyze_batch_norm),
+    (ops_norm.INSTANCE_NORMS, ops_norm.analyze_instance_norm),
     ((nn.GroupNorm,), ops_norm.analyze_group_norm),
     ((nn.LayerNorm, nn.RMSNorm), ops_norm.analyze_layer_norm_module),
     (ops_attention.ATTENTION_TYPES, ops_attention.analyze_attention),

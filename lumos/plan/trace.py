@@ -88,6 +88,14 @@ def _traced(model: nn.Module, leaf_modules: tuple) -> tuple[fx.Graph, _Tracer]:
     try:
         return tracer.trace(model), tracer
     except Exception as err:  # fx raises TraceError, TypeError, AttributeError... for the same cause
+        # buffers are plain tensors to fx by default: `self.pe[:, :x.size(1)]` (a slice bounded by
+        # a traced size) fails on them; traced as attributes, such code traces
+        retry = _Tracer(leaf_modules)
+        retry.proxy_buffer_attributes = True
+        try:
+            return retry.trace(model), retry
+        except Exception:  # noqa: BLE001 - the first error says what is wrong
+            pass
         where = tracer.failed_in or ""
         owner = f"submodule `{where}` ({type(model.get_submodule(where)).__name__})" if where \
             else f"the forward of {type(model).__name__}"
@@ -103,6 +111,43 @@ def _traced(model: nn.Module, leaf_modules: tuple) -> tuple[fx.Graph, _Tracer]:
         for module, dicts in stashed:
             for name, hooks in dicts.items():
                 setattr(module, name, hooks)
+
+
+def _traced_bound(entry) -> bool:
+    return isinstance(entry, slice) and any(isinstance(v, fx.Node) for v in (entry.start, entry.stop, entry.step))
+
+
+def _traced_slices_as_ops(gm: fx.GraphModule) -> None:
+    """Rewrite ``buffer[:, :n]`` with a traced bound ``n`` as ``aten.slice`` (the same clamping
+    semantics) followed by the rest of the index: torch re-traces a saved ``GraphModule`` with
+    buffers as plain tensors, and a plain tensor cannot be sliced by a traced number."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        source = node.args[0] if node.op == "call_function" and node.target is operator.getitem else None
+        if not isinstance(source, fx.Node) or source.op != "get_attr":
+            continue
+        entries = list(node.args[1]) if isinstance(node.args[1], tuple) else [node.args[1]]
+        value = gm.get_buffer(source.target) if source.target in dict(gm.named_buffers()) else None
+        if value is None or not any(_traced_bound(e) for e in entries) or entries.count(Ellipsis) > 1:
+            continue
+        if Ellipsis in entries:
+            at = entries.index(Ellipsis)
+            consuming = sum(e is not None and e is not Ellipsis for e in entries)
+            entries[at:at + 1] = [slice(None)] * (value.dim() - consuming)
+        rest, dim = [], 0
+        with graph.inserting_before(node):
+            for entry in entries:
+                if _traced_bound(entry):
+                    step = 1 if entry.step is None else entry.step
+                    source = graph.call_function(torch.ops.aten.slice.Tensor, (source, dim, entry.start, entry.stop, step))
+                    entry = slice(None)
+                rest.append(entry)
+                dim += entry is not None
+            new = graph.call_function(operator.getitem, (source, tuple(rest)))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
 
 
 def interior(graph: fx.Graph, qualname: str) -> list[fx.Node]:
@@ -142,6 +187,8 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | nn.Module | str] = ())
         graph, tracer = _traced(model, leaf_modules)
         hooked = [name for name in hooked if name not in repeated]
     gm = fx.GraphModule(model, graph, type(model).__name__)
+    if tracer.proxy_buffer_attributes:
+        _traced_slices_as_ops(gm)
     modules = dict(model.named_modules())
     gm.meta["lumos_user_leaves"] = {n.target for n in graph.nodes if n.op == "call_module"
                                     and tracer.is_user_leaf(modules[n.target], n.target)}
