@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import subprocess
 import sys
 
 DESCRIPTION = """\
@@ -27,6 +29,17 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="lumos-demo",
                         help="folder for report.md, report.json, report.png (default lumos-demo)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="train data-parallel in N processes launched with torchrun (gloo on CPU, NCCL with "
+                             "one GPU per process); the batch stays the same, split over them (default 1)")
+    parser.add_argument("--checkpoint", metavar="DIR", default=None,
+                        help="save each training phase to DIR/<phase>.pt every epoch (and every "
+                             "--checkpoint-every steps); the same command run again resumes from there")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                        help="also checkpoint every K optimiser steps (needs --checkpoint)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: train under bfloat16 autocast (weights stay float32; default fp32)")
+    parser.add_argument("--compile", action="store_true", help="train and validate through torch.compile")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,14 +63,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run this command (less ``--nproc``: torchrun's environment tells each process its rank and
+    the number of processes) in ``nproc`` processes under torchrun on this machine; its exit code."""
+    worker_argv, skip = [], False
+    for arg in argv:
+        if skip or arg == "--nproc" or arg.startswith("--nproc="):
+            skip = arg == "--nproc"
+            continue
+        worker_argv.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "lumos", *worker_argv]
+    print(f"lumos: launching {nproc} processes: {shlex.join(command)}", file=sys.stderr)
+    return subprocess.call(command)
+
+
 def _run(args, name: str) -> int:
-    from .pipeline import run_workload
+    from .train.distributed import launched_by_torchrun
 
     if not 0.0 < args.target <= 1.0:
         print(f"lumos: --target must be a fraction in (0, 1], got {args.target}", file=sys.stderr)
         return 2
+    for option, value in (("--nproc", args.nproc), ("--checkpoint-every", args.checkpoint_every)):
+        if value is not None and value < 1:
+            print(f"lumos: {option} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if args.checkpoint_every is not None and args.checkpoint is None:
+        print("lumos: --checkpoint-every needs --checkpoint DIR", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and not launched_by_torchrun():
+        return _launch(args.nproc, args.argv)
+    from .pipeline import run_workload
+
+    options = dict(precision=args.precision, compile=args.compile, checkpoint_every=args.checkpoint_every)
     result = run_workload(name, target=args.target, cost=args.cost, dense_epochs=args.epochs,
-                          seed=args.seed, out_dir=args.out, progress=not args.no_progress)
+                          seed=args.seed, out_dir=args.out, progress=not args.no_progress,
+                          checkpoint_dir=args.checkpoint, fit_options=options)
+    if result is None:  # a data-parallel rank other than 0: rank 0 reports
+        return 0
     print()
     print(result.table())
     print(f"\nreport: {args.out}/report.md, {args.out}/report.json, {args.out}/report.png")
@@ -94,7 +137,9 @@ def _bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command == "demo":
         return _run(args, "cfd_flux")
     if args.command == "run":

@@ -14,6 +14,7 @@ from .convert import gate
 from .metrics import latency
 from .report import Report, count_params, report
 from .train import evaluate, fit
+from .train.distributed import check_same_model, distributed_run
 
 
 @dataclass
@@ -71,36 +72,61 @@ class PipelineResult:
         }
 
 
+def phase_checkpoint(folder: str | Path | None, phase: str) -> Path | None:
+    """The checkpoint file of a training phase in ``folder`` (created), or None."""
+    if folder is None:
+        return None
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / f"{phase}.pt"
+
+
 def run_workload(name: str = "cfd_flux", *, target: float = 0.2, cost: str = "params",
                  dense_epochs: int | None = None, gated_epochs: int | None = None, seed: int = 0,
                  out_dir: str | Path | None = "lumos-demo", latency_rows: int = 4096,
-                 latency_repeats: int = 50, progress: bool = True, log=print) -> PipelineResult:
+                 latency_repeats: int = 50, progress: bool = True, log=print, checkpoint_dir: str | Path | None = None,
+                 fit_options: dict | None = None) -> PipelineResult | None:
     """Train dense and gated models on workload ``name``, compact, measure, and write a report.
 
     Writes ``report.md``, ``report.json`` and ``report.png`` into ``out_dir`` (unless None).
+    ``checkpoint_dir``: each training phase checkpoints to ``<phase>.pt`` there, and a rerun
+    resumes from them. ``fit_options``: more :func:`lumos.fit` arguments (``precision``,
+    ``compile``, ``checkpoint_every``...). Under ``torchrun`` the training is data-parallel
+    (:mod:`lumos.train.distributed`); rank 0 measures and writes the report, and the other
+    ranks return None once they checked that they built the same compacted model.
     """
+    ranks = distributed_run()
+    main = ranks is None or ranks.main
+    log = log if main else (lambda *args, **kwargs: None)
     work = workloads.load(name, seed=seed)
     defaults = dict(work.fit_defaults)
     dense_epochs = dense_epochs or defaults.pop("epochs", 20)
     defaults.pop("epochs", None)
     gated_epochs = gated_epochs or 2 * dense_epochs
-    common = dict(loss_fn=work.loss_fn, metric=work.metric, progress=progress, seed=seed, **defaults)
+    common = dict(loss_fn=work.loss_fn, metric=work.metric, progress=progress and main, seed=seed, **defaults,
+                  **(fit_options or {}), distributed=ranks is not None)
     example = work.train[0][:64]
+    device = ranks.device if ranks is not None else torch.device("cpu")
 
     log(f"[1/4] dense baseline on {name}: {dense_epochs} epochs")
     torch.manual_seed(seed)
-    dense = work.make_model()
-    fit(dense, work.train, work.val, epochs=dense_epochs, description="dense", **common)
+    dense = work.make_model().to(device)
+    fit(dense, work.train, work.val, epochs=dense_epochs, description="dense",
+        checkpoint=phase_checkpoint(checkpoint_dir, "dense"), **common)
 
     log(f"[2/4] gated model (target: keep {target:.0%} of {cost}): {gated_epochs} epochs")
     torch.manual_seed(seed)
-    gated = gate(work.make_model(), example, feature_names=work.feature_names)
+    gated = gate(work.make_model(), example, feature_names=work.feature_names).to(device)
     fit(gated, work.train, work.val, epochs=gated_epochs, target=target, cost=cost,
-        description="gated", **common)
+        description="gated", checkpoint=phase_checkpoint(checkpoint_dir, "gated"), **common)
+    dense, gated = dense.cpu(), gated.cpu()  # compaction and the CPU measurements
 
     log("[3/4] compacting")
     compacted = compact(gated, example)
     rep = report(gated, example)
+    if ranks is not None:
+        check_same_model(compacted, ranks, "lumos.pipeline.run_workload")
+        if not ranks.main:
+            return None
 
     log("[4/4] measuring")
     metric = lambda model: evaluate(model, work.val, work.loss_fn, work.metric)[1]  # noqa: E731

@@ -44,9 +44,7 @@ def _n_params(model):
 
 
 def _compact_quiet(gated, inputs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return lumos.compact(gated, inputs)
+    return lumos.compact(gated, inputs, allow_constant=True)  # a closed layer may cut the input off
 
 
 # -- compaction: exactness, sizes, modules -------------------------------------------------------
@@ -78,7 +76,8 @@ def test_compact_equals_gated_eval_vit(closed):
     randomize_gates(gated, seed=3)
     if closed is not None:
         _close(gated, *closed)
-    compacted = lumos.compact(gated, inputs)
+    # block1-v-dims with the random gates: no attention reaches the cls token the head reads: a constant
+    compacted = lumos.compact(gated, inputs, allow_constant=True)
     torch.testing.assert_close(compacted(*inputs), gated.eval()(*inputs), atol=ATOL, rtol=RTOL)
     x2 = make_images(3, seed=9)
     torch.testing.assert_close(compacted(x2), gated.eval()(x2), atol=ATOL, rtol=RTOL)

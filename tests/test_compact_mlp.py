@@ -1,6 +1,4 @@
 """Compaction of gated MLPs: exact equality with the gated model, sizes as reported, edge cases."""
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -31,9 +29,7 @@ def test_compact_equals_gated_eval(zoo_case, closed_layer):
     gated = lumos.gate(model, x)
     layers = _gated_layers(gated)
     randomize_gates(gated, seed=5, fully_closed=None if closed_layer is None else layers[closed_layer])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # closing the first layer cuts the input off
-        compacted = lumos.compact(gated, x)
+    compacted = lumos.compact(gated, x, allow_constant=True)  # closing the first layer cuts the input off
     torch.testing.assert_close(compacted(x), gated.eval()(x), atol=ATOL, rtol=1e-5)
     # a different batch shape than the one traced
     x2 = torch.randn(3, *x.shape[1:])
@@ -82,14 +78,16 @@ def test_compact_leaves_gated_model_untouched():
         assert torch.equal(value, before[key]), key
 
 
-def test_fully_closed_feature_set_gives_constant_model_with_warning():
+def test_fully_closed_feature_set_is_refused_unless_a_constant_model_is_allowed():
     model, x = ZOO["relu_3hidden"]
     gated = lumos.gate(model, x)
     randomize_gates(gated, seed=0)
     with torch.no_grad():
         gated.feature_gate.gate.log_alpha.fill_(-8.0)
-    with pytest.warns(UserWarning, match="no longer depends on its input"):
-        compacted = lumos.compact(gated, x)
+    with pytest.raises(lumos.CompactionError, match="lumos.compact: the model no longer depends on its input.*"
+                                                    "gate `feature_gate.gate`.*allow_constant=True"):
+        lumos.compact(gated, x)
+    compacted = lumos.compact(gated, x, allow_constant=True)
     out = compacted(x)
     torch.testing.assert_close(out, gated.eval()(x), atol=ATOL, rtol=1e-5)
     assert torch.allclose(out, out[:1].expand_as(out))  # the same prediction for every row

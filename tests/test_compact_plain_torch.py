@@ -4,7 +4,6 @@ process where ``import lumos`` fails."""
 import operator
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -63,9 +62,7 @@ def _cases():
 
 
 def _compact(gated, inputs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return lumos.compact(gated, inputs)
+    return lumos.compact(gated, inputs, allow_constant=True)  # a closed layer may cut the input off
 
 
 def _torch_only(gm: torch.fx.GraphModule) -> list[str]:

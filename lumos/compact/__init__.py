@@ -10,12 +10,12 @@ and buffers. ``DERIVATIONS.md`` derives what the builders fold.
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Iterable
 
 import torch
 from torch import fx, nn
 
+from ..collapse import closed_gates, constant_message, predicts_constant
 from ..model import GatedModel, as_input_tuple
 from ..nn import FeatureGate
 from ..plan import CompactionError, TraceError, check_gates, check_not_meta, default_inputs, plan_model
@@ -44,9 +44,21 @@ def _refuse_tied_gated_layers(plan) -> None:
                     "layers ungated: gate the original model with lumos.gate, or untie the weights")
 
 
+def _refuse_constant(gated: nn.Module, plan, inputs: tuple) -> None:
+    """A model whose every input feature is unread (the plan says so), or that gives the same
+    output for other inputs while a gate is closed, predicts a constant: refused."""
+    feature_node = next((n for n in plan.gm.graph.nodes if n.op == "call_module"
+                         and isinstance(plan.module(n), FeatureGate)), None)
+    if (feature_node is not None and plan.width(feature_node) == 0) \
+            or (closed_gates(gated) and predicts_constant(gated, inputs)):
+        raise CompactionError(f"lumos.compact: {constant_message(gated)}. Train with a larger budget (`target`) "
+                              "or a smaller penalty (`lam`), or pass allow_constant=True to build that constant "
+                              "model")
+
+
 @torch.inference_mode(False)  # called in an inference_mode block, the model must still work outside one
 def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | None = None,
-            keep_input_shape: bool = True) -> fx.GraphModule:
+            keep_input_shape: bool = True, allow_constant: bool = False) -> fx.GraphModule:
     """Build the plain, compacted model of ``gated`` (which is left untouched), and check it.
 
     Args:
@@ -60,6 +72,8 @@ def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
             the kept features itself. False: it takes only the kept feature columns, in order
             (``lumos.report(gated).kept_features`` names them); without a feature gate
             (``lumos.gate(..., features=False)``) the input stays whole either way.
+        allow_constant: build the model even if it no longer depends on its input (every unit
+            of a gate on the input's path closed: it predicts a constant). Default: refuse.
 
     Returns:
         An ``fx.GraphModule`` in eval mode holding only torch modules, torch functions and
@@ -69,7 +83,8 @@ def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
 
     Raises:
         CompactionError: the model cannot be compacted exactly (the message names the node and
-            what to do), or a gate's ``log_alpha`` holds NaN.
+            what to do), a gate's ``log_alpha`` holds NaN, or the model predicts a constant
+            (without ``allow_constant``).
         TraceError: ``torch.fx`` cannot trace the model (the message names the module).
     """
     if not isinstance(gated, nn.Module):
@@ -82,12 +97,8 @@ def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
         keep_input_shape = True  # no feature gate: no feature is dropped, nothing says which columns to pass
     plan, records = plan_model(gated, inputs, leaf_modules=leaf_modules, keep_input_shape=keep_input_shape)
     _refuse_tied_gated_layers(plan)
-    feature_node = next((n for n in plan.gm.graph.nodes if n.op == "call_module"
-                         and isinstance(plan.module(n), FeatureGate)), None)
-    if feature_node is not None and plan.width(feature_node) == 0:
-        warnings.warn("lumos.compact: the compacted model no longer depends on its input (every input "
-                      "feature, or every unit of a layer on the input's path, is closed) and predicts "
-                      "a constant; train with a larger budget or a smaller penalty", stacklevel=2)
+    if not allow_constant:
+        _refuse_constant(gated, plan, inputs)
     inner = gated.model if isinstance(gated, GatedModel) else gated
     was_training = gated.training
     gated.eval()  # weights read in eval mode (a spectral_norm's power iteration must not run, nor move)

@@ -249,9 +249,10 @@ def lock_to_budget(model: nn.Module, target: float, cost: str = "params") -> Non
     the largest ``log_alpha`` are set open (``LOG_ALPHA_MAX``, mask exactly 1), every other one
     closed (``LOG_ALPHA_MIN``), with the largest ``k`` whose model costs at most ``target`` of the
     dense ``cost`` (binary search on ``k`` with the exact cost of the eval masks; ties broken by
-    unit order). A gate that keeps any unit now keeps at least its best one: ranking units
-    across layers must not remove a layer that training kept (a closed layer on the input's
-    path would make the model a constant). A fixed number of device ops, no read-back."""
+    unit order). A gate that keeps any unit now keeps at least its best one, even where that
+    exceeds ``target``: ranking units across layers must not remove a layer that training kept
+    (a closed layer on the input's path would make the model a constant). A fixed number of
+    device ops, no read-back."""
     costs = cost_model(model)
     logits = [g.log_alpha for g in costs.gates]
     flat = torch.cat([t.detach() for t in logits])
@@ -271,7 +272,9 @@ def lock_to_budget(model: nn.Module, target: float, cost: str = "params") -> Non
     rank = torch.empty_like(order)
     rank[order] = torch.arange(n, device=flat.device)
     limit = target * costs.dense[cost] * (1 + 1e-9)
-    low = torch.zeros((), dtype=torch.long, device=flat.device)  # top-`low` fits (the minimum always does)
+    # top-`low` is kept: at least each kept gate's best unit, even above the target (a constant model
+    # fits any budget but is useless; fit then warns that the run ended above its target)
+    low = first_best.sum()
     high = torch.full((), n, dtype=torch.long, device=flat.device)
     for _ in range(n.bit_length() + 1):
         middle = (low + high + 1) // 2

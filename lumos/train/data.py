@@ -76,10 +76,22 @@ class TensorData:
     def rows(self) -> int:
         return self.target.shape[0]
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[tuple]:
-        """Batches of ``batch_size`` rows, in a random order drawn from ``generator`` if given."""
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, ranks=None,
+                pad: bool = True) -> Iterator[tuple]:
+        """Batches of ``batch_size`` rows, in a random order drawn from ``generator`` if given.
+
+        With ``ranks`` (a :class:`lumos.train.distributed.Ranks`), this rank's share of that
+        order: with ``pad``, DistributedSampler's (every rank as many rows, the k-th batches of
+        all ranks together being the k-th block of the order), else every ``world``-th row from
+        ``rank`` (evaluation: no row twice)."""
         order = torch.randperm(self.rows, generator=generator) if generator is not None else None
-        for start in range(0, self.rows, batch_size):
+        if ranks is not None:
+            from .distributed import shard_positions
+
+            positions = shard_positions(self.rows, ranks) if pad else torch.arange(ranks.rank, self.rows, ranks.world)
+            order = positions if order is None else order[positions]
+        total = self.rows if order is None else order.numel()
+        for start in range(0, total, batch_size):
             if order is None:
                 rows = slice(start, start + batch_size)
             else:
@@ -96,9 +108,17 @@ class LoaderData:
     name: str
     dtype: torch.dtype
 
-    def batches(self, batch_size: int = 0, generator=None) -> Iterator[tuple]:
+    def batches(self, batch_size: int = 0, generator=None, ranks=None, pad: bool = True) -> Iterator[tuple]:
+        """The loader's batches as they come (a loader shards itself: see
+        :func:`lumos.train.distributed.shard_loader`)."""
         for index, batch in enumerate(self.loader):
             yield split_batch(batch, self.who, f"batch {index} of `{self.name}`", self.dtype)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell a DistributedSampler which epoch's order to draw."""
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
 
 
 def as_data(data, name: str, who: str, dtype: torch.dtype) -> TensorData | LoaderData | None:
