@@ -153,21 +153,22 @@ class CostModel:
 
     # -- one vectorised evaluation -----------------------------------------------------------
     def _cost(self, q: torch.Tensor, p_unit: torch.Tensor, kind: str) -> torch.Tensor:
-        """0-dim parameters or FLOPs per sample (``kind``), from ``q`` ``(n_groups,)`` (the
-        probability each channel group is alive) and ``p_unit`` ``(n_units,)`` (each gate unit's
-        probability of being open, for a layer's own input gate); in ``q``'s dtype."""
-        one = q.new_ones(1)
-        q_ext = torch.cat([q, one])  # index n_groups: an input channel no group tracks
-        e_out = q.new_zeros(self.n_layers).index_add(0, self._on("_out_layer", q), q_ext[self._on("_out_group", q)])
-        in_alive = q_ext[self._on("_in_group", q)]
+        """Parameters or FLOPs per sample (``kind``), from ``q`` ``(..., n_groups)`` (the
+        probability each channel group is alive) and ``p_unit`` ``(..., n_units)`` (each gate
+        unit's probability of being open, for a layer's own input gate); shape ``(...)``, in
+        ``q``'s dtype. Leading dimensions are evaluated together (one pass for several models)."""
+        one = q.new_ones((*q.shape[:-1], 1))
+        q_ext = torch.cat([q, one], -1)  # index n_groups: an input channel no group tracks
+        zeros = q.new_zeros((*q.shape[:-1], self.n_layers))
+        e_out = zeros.index_add(-1, self._on("_out_layer", q), q_ext[..., self._on("_out_group", q)])
+        in_alive = q_ext[..., self._on("_in_group", q)]
         if self._has_in_gates:
-            in_alive = in_alive * torch.cat([p_unit, one])[self._on("_in_unit", q)]
-        e_in = q.new_zeros(self.n_layers).index_add(0, self._on("_in_layer", q), in_alive)
+            in_alive = in_alive * torch.cat([p_unit, one], -1)[..., self._on("_in_unit", q)]
+        e_in = zeros.index_add(-1, self._on("_in_layer", q), in_alive)
         pairs = e_in * e_out
         if kind == "params":
-            return (pairs * self._on("_weight_per_pair", q)).sum() + (e_out * self._on("_bias", q)).sum() \
-                + self.fixed_params
-        return (pairs * self._on("_flops_per_pair", q)).sum()
+            return pairs @ self._on("_weight_per_pair", q) + e_out @ self._on("_bias", q) + self.fixed_params
+        return pairs @ self._on("_flops_per_pair", q)
 
     def _flat_log_alpha(self) -> torch.Tensor:
         logits = [g.log_alpha for g in self.gates]
@@ -196,11 +197,13 @@ class CostModel:
         return torch.cat([g.kept() for g in self.gates])
 
     def _q_expected(self, p: torch.Tensor) -> torch.Tensor:
+        """``(..., n_groups)`` probability each group is alive, from ``p`` ``(..., n_units)``."""
         if self._single_producer:
-            return torch.cat([p, p.new_tensor([0.0, 1.0])])[self._on("_producer", p)]
+            never_always = p.new_tensor([0.0, 1.0]).expand(*p.shape[:-1], 2)
+            return torch.cat([p, never_always], -1)[..., self._on("_producer", p)]
         log_closed = torch.log1p(-p.clamp(max=1 - 1e-6))
-        closed = p.new_zeros(self.n_groups).index_add(0, self._on("_prod_group", p),
-                                                      log_closed[self._on("_prod_unit", p)])
+        closed = p.new_zeros((*p.shape[:-1], self.n_groups)).index_add(
+            -1, self._on("_prod_group", p), log_closed[..., self._on("_prod_unit", p)])
         return torch.where(self._on("_certain", p), 1.0, -torch.expm1(closed))
 
     def _q_actual(self, kept: torch.Tensor) -> torch.Tensor:
@@ -219,12 +222,22 @@ class CostModel:
 
     def _expected(self, p: torch.Tensor, kind: str) -> torch.Tensor:
         if kind == "count":
-            return p.sum()
+            return p.sum(-1)
         return self._cost(self._q_expected(p), p, kind)
 
     def expected(self, kind: str) -> torch.Tensor:
         """Differentiable expected cost under the gates' ``p_open``, in the gates' dtype."""
         return self._expected(self.p_open(), kind)
+
+    def expected_and_soft_kept(self, kind: str, temperature: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(expected(kind), soft_kept(kind, temperature))`` from one vectorised evaluation (the
+        two unit vectors stacked, one flat copy of the logits): what a training step needs.
+        The second is detached and in the gates' dtype (``soft_kept`` alone is float64)."""
+        log_alpha = self._flat_log_alpha()
+        with torch.no_grad():
+            soft = torch.sigmoid((log_alpha - self._on("_kept_above", log_alpha)) / temperature)
+        both = self._expected(torch.stack([torch.sigmoid(log_alpha - self._on("_shift", log_alpha)), soft]), kind)
+        return both[0], both[1].detach()
 
     @torch.no_grad()
     def actual_tensor(self, kind: str, kept_units: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lumos_kernels import hard_concrete
-from lumos_kernels.hard_concrete import (BETA, GAMMA, T_LOW, T_UP, ZETA, check_gate_params, log_alpha_bounds,
-                                         p_open)
+from lumos_kernels.hard_concrete import (BETA, GAMMA, T_LOW, T_UP, ZETA, as_int64, check_gate_params, p_open,
+                                         splitmix64)
 
 LOG_ALPHA_MIN = math.log(1e-2)
 LOG_ALPHA_MAX = math.log(1e2)
@@ -19,31 +19,23 @@ LOG_ALPHA_MAX = math.log(1e2)
 # The penalty walks a gate into the stochastic band only after the network has trained densely
 # for a while (README, "The gates", has the experiment that chose this).
 INIT_DROP_RATE = 0.1
-_GOLDEN = 0x9E3779B97F4A7C15
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(value: int) -> int:
-    """SplitMix64 finaliser: a bijection of 64-bit ints that scatters neighbouring inputs."""
-    value = (value + _GOLDEN) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
 
 
 def noise_key(seed: int, step: int) -> int:
-    """The 64-bit Philox key of training step ``step`` under ``seed`` (a pure function)."""
-    return _mix64((int(seed) & _MASK64) ^ _mix64(int(step)))
+    """The 64-bit noise key of training step ``step`` under ``seed`` (a pure function; a
+    SplitMix64 hash, so that neighbouring seeds and steps give unrelated keys)."""
+    return splitmix64(as_int64(seed) ^ splitmix64(step))
 
 
 class GateSampler:
     """lumos' generator of gate noise for one set of gates (all the gates of a gated model).
 
     A training mask is a pure function of ``(log_alpha, seed, step, offset)``: gate unit ``i``
-    of a gate bound at ``offset`` draws its uniform from Philox keyed by
-    :func:`noise_key` ``(seed, step)`` at counter ``offset + i``. Calling the model twice in a
-    step, or recomputing a layer under activation checkpointing, gives the same mask; every
-    DDP rank with the same ``seed`` and ``step`` draws the same masks without sharing torch's
+    of a gate bound at ``offset`` draws its uniform from
+    :func:`lumos_kernels.gate_uniform` with key :func:`noise_key` ``(seed, step)`` at counter
+    ``offset + i`` (SplitMix64: the same numbers on every backend and machine). Calling the
+    model twice in a step, or recomputing a layer under activation checkpointing, gives the
+    same mask; every DDP rank with the same ``seed`` and ``step`` draws the same masks without sharing torch's
     RNG state. :meth:`advance` moves to the next step (:func:`step_gates_` calls it after each
     optimiser step). The state to checkpoint is :meth:`state_dict` (``seed`` and ``step``).
 
@@ -73,7 +65,7 @@ class GateSampler:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"GateSampler: `seed` must be an int, got {type(seed).__name__}")
         self.seed, self.step = seed, int(step)
-        self._key = torch.tensor(_as_signed64(noise_key(self.seed, self.step)), dtype=torch.int64)
+        self._key = torch.tensor(as_int64(noise_key(self.seed, self.step)), dtype=torch.int64)
 
     def advance(self) -> None:
         """Move to the next training step's noise."""
@@ -81,7 +73,7 @@ class GateSampler:
 
     @property
     def key(self) -> torch.Tensor:
-        """This step's Philox key, a 0-dim int64 tensor (a tensor so that a compiled model
+        """This step's noise key, a 0-dim int64 tensor (a tensor so that a compiled model
         reads it without recompiling each step)."""
         return self._key
 
@@ -117,14 +109,12 @@ class GateSampler:
 
     def _draw_groups(self, training: bool):
         """``(gate indices, their masks in one flat tensor)`` per sampling call."""
+        key = self._key if training else 0
         for (t_l, t_u, beta, gamma, zeta, noise_range), members in self._groups():
             gates = [self.gates[i] for i in members]
             flat = torch.cat([g.log_alpha for g in gates]) if len(gates) > 1 else gates[0].log_alpha
-            noisy = training and (flat.is_cuda or torch.compiler.is_compiling()
-                                  or _any_in_band(flat, t_l, t_u, beta, gamma, zeta))
-            yield members, hard_concrete(flat, seed=self._key if noisy else 0, offset=gates[0].offset,
-                                         training=noisy, t_l=t_l, t_u=t_u, beta=beta, gamma=gamma,
-                                         zeta=zeta, noise_range=noise_range)
+            yield members, hard_concrete(flat, seed=key, offset=gates[0].offset, training=training, t_l=t_l,
+                                         t_u=t_u, beta=beta, gamma=gamma, zeta=zeta, noise_range=noise_range)
 
     def draw(self, training: bool) -> dict[int, torch.Tensor]:
         """Every bound gate's mask for this step (training) or its eval mask, by gate index."""
@@ -137,24 +127,6 @@ class GateSampler:
         """Every bound gate's mask concatenated in binding order (one call per group)."""
         flats = [flat for _, flat in self._draw_groups(training)]
         return torch.cat(flats) if len(flats) > 1 else flats[0]
-
-
-@torch.no_grad()
-def _any_in_band(log_alpha: torch.Tensor, t_l: float, t_u: float, beta: float, gamma: float, zeta: float) -> bool:
-    """Whether any gate is inside the stochastic band ``t_l < p_open <= t_u``. Outside it the
-    mask is exactly 0 or 1 whatever the noise, with no gradient in either mode, so a CPU draw
-    skips the noise then (the reference Philox costs about 600 tensor ops per call); a CUDA
-    draw does not ask (it would read back every step, and the fused kernel is one launch), nor
-    does a compiled model (a data-dependent branch)."""
-    closed_max, open_min = log_alpha_bounds(t_l, t_u, beta, gamma, zeta,
-                                            torch.float64 if log_alpha.dtype == torch.float64 else torch.float32)
-    open_min = math.inf if math.isnan(open_min) else open_min  # t_u = 1: no gate is forced open
-    return bool(((log_alpha > closed_max) & (log_alpha < open_min)).any())
-
-
-def _as_signed64(value: int) -> int:
-    value &= _MASK64
-    return value - (1 << 64) if value >= (1 << 63) else value
 
 
 class HardConcreteGate(nn.Module):

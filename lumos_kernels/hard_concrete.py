@@ -6,31 +6,40 @@ For gates with logits ``log_alpha`` (any shape), with ``pi = p_open(log_alpha)``
     eval:      z = clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)          (z_hat)
     m = 1 if pi > t_u;  m = 0 if pi <= t_l;  m = z otherwise
 
-``u`` comes from Philox (the generator behind ``tl.rand``) keyed by ``seed`` at counter
-``offset + i`` for the gate at flat (row-major) position ``i``. Nothing random is stored, and
-a gate's mask depends only on its logit and on ``(seed, offset + i)``. ``noise_range = r``
-draws ``u ~ U(r, 1 - r)`` (the LUMOS reference code's annealed variant: r = 0.5 is
-deterministic, r -> 0 the full hard-concrete).
+Noise: ``u`` for the gate at flat (row-major) position ``i`` is :func:`gate_uniform` of key
+``seed`` at counter ``offset + i``: the top 24 bits of output number ``offset + i`` of the
+SplitMix64 generator seeded with ``seed`` (Steele, Lea, Flood, "Fast splittable pseudorandom
+number generators", OOPSLA 2014), a dozen 64-bit integer operations per gate. Nothing random
+is stored, and a gate's mask depends only on its logit and on ``(seed, offset + i)``.
+``noise_range = r`` draws ``u ~ U(r, 1 - r)`` (the LUMOS reference code's annealed variant:
+r = 0.5 is deterministic, r -> 0 the full hard-concrete).
 
 The thresholds are applied to ``log_alpha``, not to a rounded ``pi``: ``pi > t_u`` exactly when
 ``log_alpha >= open_min`` and ``pi <= t_l`` exactly when ``log_alpha <= closed_max``, with the
 bounds of :func:`log_alpha_bounds` computed once in float64 and rounded to the logits' dtype in
 the safe direction. Every backend therefore forces the same gates, bit for bit.
 
-Backward: ``dm/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta)`` for gates in the
-band with ``0 < z < 1`` (``beta`` is 1 in eval), 0 otherwise (KERNELS.md 1); the forward
-writes it (one float per gate) so that the mask is never saved and may be modified in place.
-The penalty term's gradient is ``p_open (1 - p_open)``. Both backends share that backward.
+Backends (:mod:`lumos_kernels.dispatch`):
 
-Triton backend (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): one launch
-samples every gate of a flat buffer (layers keep views into it) and fuses ``sum p_open``,
-accumulated in fp32 (fp64 for fp64 logits) from per-program partial sums (no atomics). The
-kernel computes in fp32 (fp64 for fp64 logits) and stores the mask in the logits' dtype; its
-uniforms are bit-identical to :func:`philox_uniform`, its mask equals the reference's to float
-rounding (``log``/``sigmoid`` implementations differ by an ulp), with the same forced gates.
+- torch (CPU tensors): the formulas above in plain torch, computed without recording a
+  graph, with the Triton op's closed-form backward (below) as one autograd node: about 40
+  small tensor ops per call whatever the number of gates. :func:`hard_concrete_reference`
+  is the same formulas differentiated by autograd (the oracle of both backends);
+- Triton (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): the custom op
+  ``torch.ops.lumos.hard_concrete``; one launch samples every gate of a flat buffer (layers
+  keep views into it) and fuses ``sum p_open``, accumulated in fp32 (fp64 for fp64 logits)
+  from per-program partial sums (no atomics). The kernel computes in fp32 (fp64 for fp64
+  logits) and stores the mask in the logits' dtype; its uniforms are bit-identical to
+  :func:`gate_uniform`, its mask equals the torch backend's to float rounding (``log`` and
+  ``sigmoid`` implementations differ by an ulp), with the same forced gates. Its registered
+  backward: ``dm/dlog_alpha = (z - gamma)(zeta - z) / ((zeta - gamma) beta)`` for gates in
+  the band with ``0 < z < 1`` (``beta`` is 1 in eval), 0 otherwise (KERNELS.md 1); the
+  forward writes it (one float per gate) so that the mask is never saved and may be modified
+  in place. The penalty term's gradient is ``p_open (1 - p_open)``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Tuple
 
@@ -43,46 +52,76 @@ GAMMA = -0.1
 ZETA = 1.1
 T_LOW = 0.05
 T_UP = 0.95
-U_EPS = 1e-6  # tl.rand can return exactly 0: keep log(u) and log(1 - u) finite
+U_EPS = 1e-6  # u can be exactly 0: keep log(u) and log(1 - u) finite
 
-_PHILOX_KEY_A = 0x9E3779B9
-_PHILOX_KEY_B = 0xBB67AE85
-_PHILOX_ROUND_A = 0xD2511F53
-_PHILOX_ROUND_B = 0xCD9E8D57
-_MASK32 = 0xFFFFFFFF
-
-
-def _umulhi32(a: int, b: torch.Tensor) -> torch.Tensor:
-    """High 32 bits of the 64-bit product of uint32 values held in int64 (no overflow)."""
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    cross = ((a_lo * b_lo) >> 16) + ((a_hi * b_lo) & 0xFFFF) + a_lo * b_hi
-    return a_hi * b_hi + ((a_hi * b_lo) >> 16) + (cross >> 16)
+# SplitMix64: the state advances by GOLDEN_GAMMA; each output is the state through MIX.
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+MIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+MIX_SHIFTS = (30, 27, 31)
+UNIFORM_BITS = 24  # u = (top 24 bits) * 2**-24: every value exact in float32
+_MASK64 = (1 << 64) - 1
 
 
-def philox_uniform(seed: int, offset: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``n`` uniforms in [0, 1), bit-identical to Triton's ``tl.rand(seed, offset + arange(n))``.
+def as_int64(value: int) -> int:
+    """``value mod 2**64`` as a signed int64 (the bit pattern a 64-bit tensor holds)."""
+    value = int(value) & _MASK64
+    return value - (1 << 64) if value >= (1 << 63) else value
 
-    Returns a float32 tensor of shape ``(n,)``. Offsets are taken modulo 2**32, as in
-    ``tl.rand`` with int32 offsets.
+
+def splitmix64(value: int) -> int:
+    """SplitMix64's output function (a bijection of 64-bit ints) on ``value + GOLDEN_GAMMA``:
+    the generator's first output when seeded with ``value``."""
+    value = (int(value) + GOLDEN_GAMMA) & _MASK64
+    for multiplier, shift in zip(MIX_MULTIPLIERS, MIX_SHIFTS):
+        value = ((value ^ (value >> shift)) * multiplier) & _MASK64
+    return value ^ (value >> MIX_SHIFTS[2])
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of the 64-bit patterns held in an int64 tensor."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def gate_uniform(key: int | torch.Tensor, offset: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` uniforms in [0, 1): ``u[i]`` from SplitMix64 seeded with ``key``, output number
+    ``offset + i`` (counting from 0, modulo 2**64), bit-identical to the Triton kernel's.
+
+    ``u[i] = (z >> 40) * 2**-24`` with ``z = mix(key + (offset + i + 1) * GOLDEN_GAMMA)``, where
+    ``mix`` is SplitMix64's multiply-xorshift (its final ``z ^ (z >> 31)`` leaves the top 24
+    bits unchanged, so it is skipped). Under ``torch.compile`` it is one opaque op, as torch's
+    own random ops are (inductor's CPU code for wrapping int64 ``arange`` arithmetic is not
+    reliable in torch 2.13).
+
+    Args:
+        key: a 64-bit key: an int, or a 0-dim int64 tensor (any device; no read-back).
+        offset: counter of the first number.
+        n: how many numbers.
+
+    Returns:
+        ``(n,)`` float32 tensor on ``device``; every value is a multiple of 2**-24.
     """
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    c0 = (torch.arange(n, dtype=torch.int64, device=device) + int(offset)) & _MASK32
-    c1 = torch.zeros_like(c0)
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
-    for _ in range(10):
-        prev_c0, prev_c2 = c0, c2
-        c0 = _umulhi32(_PHILOX_ROUND_B, prev_c2) ^ c1 ^ k0
-        c2 = _umulhi32(_PHILOX_ROUND_A, prev_c0) ^ c3 ^ k1
-        c1 = (_PHILOX_ROUND_B * prev_c2) & _MASK32
-        c3 = (_PHILOX_ROUND_A * prev_c0) & _MASK32
-        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
-        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
-    signed = torch.where(signed < 0, -signed - 1, signed).to(torch.int32)
-    return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=device)
+    if torch.compiler.is_compiling():
+        key = key if isinstance(key, torch.Tensor) else torch.tensor(key, dtype=torch.int64)
+        return _gate_uniform_op(key, as_int64(offset), n, torch.device(device))
+    return _gate_uniform(key, offset, n, device)
+
+
+def _gate_uniform(key, offset, n, device):
+    z = torch.arange(n, dtype=torch.int64, device=device)
+    z = z.mul_(as_int64(GOLDEN_GAMMA)).add_(as_int64((int(offset) + 1) * GOLDEN_GAMMA)).add_(key)
+    for multiplier, shift in zip(MIX_MULTIPLIERS, MIX_SHIFTS):
+        z = (z ^ _shift_right(z, shift)).mul_(as_int64(multiplier))
+    return _shift_right(z, 64 - UNIFORM_BITS).to(torch.float32).mul_(2.0 ** -UNIFORM_BITS)
+
+
+@torch.library.custom_op("lumos::gate_uniform", mutates_args=())
+def _gate_uniform_op(key: torch.Tensor, offset: int, n: int, device: torch.device) -> torch.Tensor:
+    return _gate_uniform(key, offset, n, device)
+
+
+@_gate_uniform_op.register_fake
+def _(key, offset, n, device):
+    return torch.empty(n, dtype=torch.float32, device=device)
 
 
 def p_open(log_alpha: torch.Tensor, beta: float = BETA, gamma: float = GAMMA, zeta: float = ZETA) -> torch.Tensor:
@@ -116,6 +155,7 @@ def _nearest_on_side(value: float, dtype: torch.dtype, above: bool) -> float:
     return rounded.item()
 
 
+@functools.lru_cache(maxsize=64)
 def log_alpha_bounds(t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA, gamma: float = GAMMA,
                      zeta: float = ZETA, dtype: torch.dtype = torch.float32) -> Tuple[float, float]:
     """``(closed_max, open_min)``: the thresholds on ``p_open`` as exact bounds on ``log_alpha``.
@@ -124,7 +164,8 @@ def log_alpha_bounds(t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA, 
     exactly), ``p_open(x) <= t_l`` exactly when ``x <= closed_max`` and ``p_open(x) > t_u``
     exactly when ``x >= open_min`` (``p_open`` evaluated without rounding; the boundaries
     ``logit(t) + beta * log(-gamma / zeta)`` are computed in float64). ``t_u = 1`` forces no
-    gate open: ``open_min`` is NaN, which no comparison satisfies.
+    gate open: ``open_min`` is NaN, which no comparison satisfies. Remembered per arguments
+    (every sampling call asks).
     """
     shift = beta * math.log(-gamma / zeta)  # p_open = sigmoid(log_alpha - shift)
 
@@ -136,76 +177,87 @@ def log_alpha_bounds(t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA, 
     return closed_max, open_min
 
 
-def _gate_values(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range):
-    """``(m, z, forced)`` in the compute dtype, differentiable in ``log_alpha`` (torch ops only)."""
-    work = log_alpha.to(_compute_dtype(log_alpha))
+def _gate_values(work, key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range):
+    """``(z, forced_open, forced)`` of the module docstring's formulas for compute-dtype logits
+    ``work`` (differentiable in ``work`` where autograd records)."""
     if training:
-        u = philox_uniform(seed, offset, work.numel(), work.device).to(work.dtype).view(work.shape)
-        u = (noise_range + (1.0 - 2.0 * noise_range) * u).clamp(U_EPS, 1.0 - U_EPS)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + work) / beta)
+        with torch.no_grad():  # the noise: logit(u), clamped as the kernel clamps u
+            u = gate_uniform(key, offset, work.numel(), work.device).to(work.dtype).view(work.shape)
+            if noise_range:
+                u = u.mul_(1.0 - 2.0 * noise_range).add_(noise_range)
+            noise = torch.logit(u, eps=U_EPS)
+        s = torch.sigmoid((work + noise) * (1.0 / beta))
     else:
         s = torch.sigmoid(work)
     z = (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
     closed_max, open_min = log_alpha_bounds(t_l, t_u, beta, gamma, zeta, work.dtype)
-    forced_open, forced_closed = work >= open_min, work <= closed_max
-    m = torch.where(forced_open, 1.0, torch.where(forced_closed, 0.0, z))
-    return m, z, forced_open | forced_closed
+    with torch.no_grad():
+        forced_open = work >= open_min  # open_min NaN (t_u = 1): never
+        forced = forced_open | (work <= closed_max)
+    return z, forced_open, forced
+
+
+def _compute_input(log_alpha: torch.Tensor) -> torch.Tensor:
+    # contiguous: CPU kernels may round a strided layout differently, and masks must not depend on it
+    return log_alpha.to(_compute_dtype(log_alpha)).contiguous()
+
+
+class _HardConcreteTorch(torch.autograd.Function):
+    """The torch backend: ``(m, dm, p_open_sum)`` computed without recording a graph, as the
+    Triton kernel computes them, and the Triton op's one backward (:func:`_hard_concrete_backward`):
+    a sampling call is a few dozen tensor ops on small vectors, whose cost is their dispatch, so
+    one closed-form backward node replaces autograd's dozen. The mask is a new tensor that no
+    backward reads: safe to modify in place."""
+
+    @staticmethod
+    def forward(ctx, log_alpha, key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range, with_sum):
+        work = _compute_input(log_alpha)
+        z, forced_open, forced = _gate_values(work, key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range)
+        live = ~forced & (z > 0) & (z < 1)
+        slope = (z - gamma).mul_(zeta - z).mul_(1.0 / ((zeta - gamma) * (beta if training else 1.0)))
+        dm = torch.where(live, slope, 0.0)
+        m = torch.where(forced, forced_open.to(work.dtype), z).to(log_alpha.dtype)
+        total = p_open(work, beta, gamma, zeta).sum() if with_sum else work.new_zeros(())
+        ctx.save_for_backward(log_alpha, dm)
+        ctx.mark_non_differentiable(dm)
+        ctx.distribution = (beta, gamma, zeta)
+        return m, dm, total
+
+    @staticmethod
+    def backward(ctx, grad_m, grad_dm, grad_sum):
+        return (*_hard_concrete_backward(ctx, grad_m, grad_dm, grad_sum), None)
 
 
 def hard_concrete_reference(log_alpha, seed, offset, training, t_l=T_LOW, t_u=T_UP,
                             beta=BETA, gamma=GAMMA, zeta=ZETA, noise_range=0.0):
-    """Plain-torch :func:`hard_concrete` (same arguments, any device; gradients from autograd).
-
-    The test oracle: its gradient is autograd's derivative of the sampling formula, independent
-    of the closed-form derivative the op's backward uses.
-    """
-    m, _, _ = _gate_values(log_alpha, int(seed), int(offset), bool(training), float(t_l), float(t_u),
-                           float(beta), float(gamma), float(zeta), float(noise_range))
-    return m.to(log_alpha.dtype)
-
-
-def _forward_torch(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range):
-    """The torch backend: ``(m, dm/dlog_alpha, sum p_open)`` with the closed-form derivative."""
-    with torch.no_grad():
-        m, z, forced = _gate_values(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range)
-        live = ~forced & (z > 0) & (z < 1)
-        dm = torch.where(live, (z - gamma) * (zeta - z) / ((zeta - gamma) * (beta if training else 1.0)), 0.0)
-        p_open_sum = p_open(log_alpha.to(dm.dtype), beta, gamma, zeta).sum()
-    return m.to(log_alpha.dtype).contiguous(), dm.contiguous(), p_open_sum
-
-
-def _as_int32(value: int) -> int:
-    """``value mod 2**32`` as a signed int32, so the kernel's counters wrap like the reference's."""
-    value = int(value) & 0xFFFFFFFF
-    return value - (1 << 32) if value >= (1 << 31) else value
-
-
-def _as_int64(value: int) -> int:
-    """The 64-bit Philox key of ``philox_uniform`` as a signed int64 (a custom-op ``int``)."""
-    value = int(value) & 0xFFFFFFFFFFFFFFFF
-    return value - (1 << 64) if value >= (1 << 63) else value
+    """The mask of :func:`hard_concrete` computed by the torch backend (same arguments, any
+    device; gradients from autograd): the oracle of the Triton kernels, whose backward is the
+    closed-form derivative."""
+    key = seed if isinstance(seed, torch.Tensor) else as_int64(seed)
+    work = _compute_input(log_alpha)
+    z, forced_open, forced = _gate_values(work, key, int(offset), bool(training), float(t_l), float(t_u),
+                                          float(beta), float(gamma), float(zeta), float(noise_range))
+    return torch.where(forced, forced_open.to(work.dtype), z).to(log_alpha.dtype)
 
 
 # ----------------------------------------------------------------------------------------
-# The custom op (both backends) and its one backward
+# The Triton backend: a custom op and its one backward
 # ----------------------------------------------------------------------------------------
 
 @torch.library.custom_op("lumos::hard_concrete", mutates_args=())
 def _hard_concrete_op(log_alpha: torch.Tensor, seed: torch.Tensor, offset: int, training: bool, t_l: float,
-                      t_u: float, beta: float, gamma: float, zeta: float, noise_range: float,
-                      backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      t_u: float, beta: float, gamma: float, zeta: float,
+                      noise_range: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # the seed travels as a tensor so that a compiled model can draw it in-graph each step
-    seed = _as_int64(int(seed))
-    if backend == "triton":
-        acc = _compute_dtype(log_alpha)
-        closed_max, open_min = log_alpha_bounds(t_l, t_u, beta, gamma, zeta, acc)
-        return dispatch.triton_kernels("hard_concrete").forward(
-            log_alpha, seed, offset, training, closed_max, open_min, beta, gamma, zeta, noise_range, U_EPS, acc)
-    return _forward_torch(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range)
+    acc = _compute_dtype(log_alpha)
+    closed_max, open_min = log_alpha_bounds(t_l, t_u, beta, gamma, zeta, acc)
+    return dispatch.triton_kernels("hard_concrete").forward(
+        log_alpha, as_int64(int(seed)), offset, training, closed_max, open_min, beta, gamma, zeta, noise_range,
+        U_EPS, acc)
 
 
 @_hard_concrete_op.register_fake
-def _(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range, backend):
+def _(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range):
     acc = _compute_dtype(log_alpha)
     return (torch.empty_like(log_alpha, memory_format=torch.contiguous_format),
             torch.empty_like(log_alpha, dtype=acc, memory_format=torch.contiguous_format),
@@ -213,7 +265,7 @@ def _(log_alpha, seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_rang
 
 
 def _hard_concrete_setup_context(ctx, inputs, output):
-    log_alpha, _seed, _offset, _training, _t_l, _t_u, beta, gamma, zeta, _noise, _backend = inputs
+    log_alpha, _seed, _offset, _training, _t_l, _t_u, beta, gamma, zeta, _noise = inputs
     ctx.save_for_backward(log_alpha, output[1])
     ctx.mark_non_differentiable(output[1])
     ctx.distribution = (beta, gamma, zeta)
@@ -226,10 +278,19 @@ def _hard_concrete_backward(ctx, grad_m, _grad_dm, grad_sum):
     if grad_sum is not None:
         pi = p_open(log_alpha.to(dm.dtype), *ctx.distribution)
         grad = grad + grad_sum.to(dm.dtype) * pi * (1 - pi)
-    return (grad.to(log_alpha.dtype),) + (None,) * 10
+    return (grad.to(log_alpha.dtype),) + (None,) * 9
 
 
 _hard_concrete_op.register_autograd(_hard_concrete_backward, setup_context=_hard_concrete_setup_context)
+
+
+def _seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
+    """The key as a 0-dim int64 CPU tensor (what the custom op takes)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(()).to(device="cpu", dtype=torch.int64)
+    if torch.compiler.is_compiling():  # a traced int may be symbolic: masking it breaks inductor
+        return torch.tensor(seed, dtype=torch.int64)
+    return torch.tensor(as_int64(seed), dtype=torch.int64)
 
 
 def hard_concrete(log_alpha: torch.Tensor, seed: int | torch.Tensor, offset: int = 0, training: bool = True,
@@ -239,16 +300,17 @@ def hard_concrete(log_alpha: torch.Tensor, seed: int | torch.Tensor, offset: int
     """Sample semi-stochastic hard-concrete gates.
 
     Noise contract: the gate at flat (row-major) position ``i`` of ``log_alpha`` draws its
-    uniform from Philox with key ``seed`` at counter ``(offset + i) mod 2**32``, so its mask
-    depends only on its own logit and on ``(seed, offset + i)``. The gates of a model can live
-    in one flat buffer sampled in one call, or be sampled layer by layer: the slice
-    ``buffer[a:b]`` sampled alone with ``offset + a`` gives exactly ``mask[a:b]`` of the whole
-    buffer sampled with ``offset``. Same ``(seed, offset)``, same mask, on every backend.
+    uniform from :func:`gate_uniform` with key ``seed`` at counter ``offset + i`` (SplitMix64,
+    modulo 2**64), so its mask depends only on its own logit and on ``(seed, offset + i)``. The
+    gates of a model can live in one flat buffer sampled in one call, or be sampled layer by
+    layer: the slice ``buffer[a:b]`` sampled alone with ``offset + a`` gives exactly
+    ``mask[a:b]`` of the whole buffer sampled with ``offset``. Same ``(seed, offset)``, same
+    mask, on every backend and every machine (DDP ranks with the same key agree).
 
     Args:
         log_alpha: gate logits, any shape (typically ``(n,)`` or one flat buffer for a model).
-        seed: Philox key: an int, or a one-element integer tensor (so that a compiled model
-            can draw it in-graph).
+        seed: the 64-bit key: an int (taken modulo 2**64), or a one-element integer tensor (so
+            that a compiled model reads it in-graph, and the torch backend never reads it back).
         offset: counter of the first gate (see the noise contract).
         training: stochastic sample if True, deterministic ``z_hat`` if False (thresholds apply
             in both).
@@ -258,6 +320,10 @@ def hard_concrete(log_alpha: torch.Tensor, seed: int | torch.Tensor, offset: int
         noise_range: ``u ~ U(noise_range, 1 - noise_range)``; 0 is the full distribution.
         return_p_open_sum: also return ``p_open(log_alpha).sum()`` (the expected-L0 penalty with
             unit costs), fused into the sampling pass on the Triton backend.
+
+    CPU tensors run the torch backend (plain torch, autograd; ``torch.compile`` fuses it), CUDA
+    tensors (or ``LUMOS_BACKEND=triton``) the Triton kernel through the custom op
+    ``torch.ops.lumos.hard_concrete`` (module docstring).
 
     Returns:
         ``m``, a new tensor of the shape and dtype of ``log_alpha`` (safe to modify in place),
@@ -271,16 +337,16 @@ def hard_concrete(log_alpha: torch.Tensor, seed: int | torch.Tensor, offset: int
         raise TypeError(f"{op}: `log_alpha` must be a tensor, got {type(log_alpha).__name__}")
     dispatch.check_float(op, "log_alpha", log_alpha)
     check_gate_params(t_l, t_u, beta, gamma, zeta, noise_range)
-    if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex():
-            raise TypeError(f"{op}: `seed` must be an int or a one-element integer tensor, got {seed.dtype} "
-                            f"of shape {tuple(seed.shape)}")
-        seed = seed.reshape(()).to(device="cpu", dtype=torch.int64)
-    elif torch.compiler.is_compiling():  # a traced int may be symbolic: masking it breaks inductor
-        seed = torch.tensor(seed, dtype=torch.int64)
+    if isinstance(seed, torch.Tensor) and (seed.numel() != 1 or seed.is_floating_point() or seed.is_complex()):
+        raise TypeError(f"{op}: `seed` must be an int or a one-element integer tensor, got {seed.dtype} "
+                        f"of shape {tuple(seed.shape)}")
+    args = (bool(training), float(t_l), float(t_u), float(beta), float(gamma), float(zeta), float(noise_range))
+    if dispatch.backend_for(op, log_alpha) == "triton":
+        m, _, p_open_sum = _hard_concrete_op(log_alpha, _seed_tensor(seed), as_int64(offset), *args)
     else:
-        seed = torch.tensor(_as_int64(seed), dtype=torch.int64)
-    m, _, p_open_sum = _hard_concrete_op(log_alpha, seed, _as_int32(offset), bool(training),
-                                         float(t_l), float(t_u), float(beta), float(gamma), float(zeta),
-                                         float(noise_range), dispatch.backend_for(op, log_alpha))
+        if isinstance(seed, torch.Tensor):  # stays where it is: a CPU scalar adds to any device's tensor
+            key = seed.reshape(()).to(dtype=torch.int64, device="cpu" if seed.is_cpu else log_alpha.device)
+        else:
+            key = _seed_tensor(seed) if torch.compiler.is_compiling() else as_int64(seed)
+        m, _, p_open_sum = _HardConcreteTorch.apply(log_alpha, key, int(offset), *args, return_p_open_sum)
     return (m, p_open_sum) if return_p_open_sum else m

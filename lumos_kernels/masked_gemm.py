@@ -27,8 +27,9 @@ Triton backend (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; kerne
 - inputs are used through their strides (no copies, except where ``reshape`` of leading batch
   dims must copy).
 
-Both backends go through the custom op ``torch.ops.lumos.masked_linear`` (see
-:mod:`lumos_kernels.dispatch`); the torch backend computes the same formulas with torch ops.
+The Triton backend is the custom op ``torch.ops.lumos.masked_linear`` with that backward
+registered; the torch backend (CPU tensors) is plain torch differentiated by autograd (see
+:mod:`lumos_kernels.dispatch` and :func:`_masked_linear_torch`).
 """
 from __future__ import annotations
 
@@ -82,67 +83,71 @@ def check_masked_linear_args(x, weight, bias, m_in, m_out) -> None:
     dispatch.check_same_device(op, x=x, weight=weight, bias=bias, m_in=m_in, m_out=m_out)
 
 
-def _forward_torch(x, weight, bias, m_in, m_out):
-    """The torch backend: a fresh ``(*x.shape[:-1], N)`` tensor (never a view)."""
-    n, k = weight.shape
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
-    x2, out2 = x.reshape(-1, k), out.view(-1, n)
-    if x2.shape[0] >= n:
-        # more rows than outputs: scaling the (N, K) weight costs less than scaling x and y
-        w = weight if m_out is None else weight * m_out.to(weight.dtype)[:, None]
-        w = w if m_in is None else w * m_in.to(weight.dtype)[None, :]
-        b = bias if bias is None or m_out is None else bias * m_out.to(bias.dtype)
-        m_out = None
-    else:
-        x2 = x2 if m_in is None else x2 * m_in.to(x.dtype)
-        w, b = weight, bias
-    if b is None:
-        torch.mm(x2, w.t(), out=out2)
-    else:
-        torch.addmm(b, x2, w.t(), out=out2)
-    if m_out is not None:
-        out2.mul_(m_out.to(out.dtype))
-    return out
+class _MaskedLinearTorch(torch.autograd.Function):
+    """The torch backend: ``nn.Linear``'s GEMMs with the gates applied around them, and the
+    backward of the module docstring arranged so that every extra pass is over an
+    activation-sized ``(M, K)`` or ``(M, N)`` tensor, none over the weight:
 
+        a = (x * m_in) @ W.T + b  (saved when ``m_out`` needs a gradient),  y = a * m_out
+        Gm = G * m_out;  dW = Gm.T @ (x * m_in);  db = Gm.sum(0);  dm_out = (G * a).sum(0)
+        P = Gm @ W;  dx = P * m_in;  dm_in = (P * x).sum(0)
 
-def _backward_torch(grad_y, x, weight, bias, m_in, m_out, needs):
-    """The torch backend's gradients (module docstring), None where not needed."""
-    need_x, need_w, need_b, need_in, need_out = needs
-    gate_dtypes = (None if m_in is None else m_in.dtype, None if m_out is None else m_out.dtype)
-    # fp32 gates on a 16-bit layer: the products run in the layer's dtype, as in the forward
-    m_in = None if m_in is None else m_in.to(weight.dtype)
-    m_out = None if m_out is None else m_out.to(weight.dtype)
-    n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    g = grad_y.reshape(-1, n)
-    g_gated = g * m_out if m_out is not None else g
-    dx = dw = db = dm_in = dm_out = None
-    if need_x:
-        dx = g_gated @ weight
-        if m_in is not None:
-            dx = dx * m_in
-        dx = dx.reshape(x.shape)
-    need_in, need_out = need_in and m_in is not None, need_out and m_out is not None
-    if need_w or need_in or need_out:
-        r = g.t() @ x2  # (N, K): the plain dW product, computed once
+    ``m_in`` scales whichever of ``x`` and the weight's columns is smaller. The output is a
+    new tensor no backward reads: safe to modify in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, m_in, m_out):
+        n = weight.shape[0]
+        m_in_w = None if m_in is None else m_in.to(weight.dtype)
+        m_out_w = None if m_out is None else m_out.to(weight.dtype)
+        xs, w = x2, weight
+        if m_in_w is not None:
+            if x2.shape[0] <= n:
+                xs = x2 * m_in_w
+            else:
+                w = weight * m_in_w
+        a = F.linear(xs, w, bias)
+        keep_a = m_out is not None and ctx.needs_input_grad[4]
+        ctx.save_for_backward(x2, weight, m_in_w, m_out_w, a if keep_a else None)
+        ctx.gate_dtypes = (None if m_in is None else m_in.dtype, None if m_out is None else m_out.dtype)
+        ctx.has_bias = bias is not None
+        return a if m_out_w is None else a * m_out_w
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, weight, m_in, m_out, a = ctx.saved_tensors
+        need_x, need_w, need_b, need_in, need_out = ctx.needs_input_grad
+        n = weight.shape[0]
+        g = grad_y
+        gm = g if m_out is None else g * m_out
+        dx = dw = db = dm_in = dm_out = None
+        if need_x or (need_in and m_in is not None):
+            p = gm @ weight  # (M, K)
+            if need_in and m_in is not None:
+                dm_in = (p * x2).sum(0).to(ctx.gate_dtypes[0])
+            if need_x:
+                dx = p if m_in is None else p.mul_(m_in)
         if need_w:
-            dw = r
-            if m_out is not None:
-                dw = dw * m_out[:, None]
-            if m_in is not None:
-                dw = dw * m_in[None, :]
-        if need_in:
-            wr = weight * r if m_out is None else m_out[:, None] * weight * r
-            dm_in = wr.sum(0).to(gate_dtypes[0])
-        if need_out:
-            wr = weight * r if m_in is None else m_in[None, :] * weight * r
-            dm_out = wr.sum(1)
-            if bias is not None:
-                dm_out = dm_out + bias * g.sum(0)
-            dm_out = dm_out.to(gate_dtypes[1])
-    if need_b and bias is not None:
-        db = g_gated.sum(0)
-    return dx, dw, db, dm_in, dm_out
+            if m_in is None:
+                dw = gm.t() @ x2
+            elif x2.shape[0] <= n:
+                dw = gm.t() @ (x2 * m_in)
+            else:
+                dw = (gm.t() @ x2).mul_(m_in)
+        if need_b and ctx.has_bias:
+            db = gm.sum(0)
+        if need_out and m_out is not None:
+            dm_out = (g * a).sum(0).to(ctx.gate_dtypes[1])
+        return dx, dw, db, dm_in, dm_out
+
+
+def _masked_linear_torch(x, weight, bias, m_in, m_out):
+    """The torch backend (:class:`_MaskedLinearTorch`); without gates, ``F.linear`` itself."""
+    if m_in is None and m_out is None:
+        return F.linear(x, weight, bias)
+    y = _MaskedLinearTorch.apply(x.reshape(-1, weight.shape[1]), weight, bias, m_in, m_out)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _has_work(x, weight) -> bool:
@@ -151,19 +156,17 @@ def _has_work(x, weight) -> bool:
 
 
 # ----------------------------------------------------------------------------------------
-# The custom ops (both backends) and the one backward
+# The Triton backend: a custom op and its one backward
 # ----------------------------------------------------------------------------------------
 
 @torch.library.custom_op("lumos::masked_linear", mutates_args=())
 def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      m_in: Optional[torch.Tensor], m_out: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    if backend == "triton" and _has_work(x, weight):
-        return dispatch.triton_kernels("masked_gemm").forward(x, weight, bias, m_in, m_out, fp32_input_precision())
-    return _forward_torch(x, weight, bias, m_in, m_out)
+                      m_in: Optional[torch.Tensor], m_out: Optional[torch.Tensor]) -> torch.Tensor:
+    return dispatch.triton_kernels("masked_gemm").forward(x, weight, bias, m_in, m_out, fp32_input_precision())
 
 
 @_masked_linear_op.register_fake
-def _(x, weight, bias, m_in, m_out, backend):
+def _(x, weight, bias, m_in, m_out):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -171,18 +174,15 @@ def _(x, weight, bias, m_in, m_out, backend):
 def _masked_linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                bias: Optional[torch.Tensor], m_in: Optional[torch.Tensor],
                                m_out: Optional[torch.Tensor], need_x: bool, need_w: bool, need_b: bool,
-                               need_m_in: bool, need_m_out: bool, backend: str) -> List[torch.Tensor]:
+                               need_m_in: bool, need_m_out: bool) -> List[torch.Tensor]:
     needs = (need_x, need_w, need_b, need_m_in, need_m_out)
-    if backend == "triton" and _has_work(x, weight):
-        grads = dispatch.triton_kernels("masked_gemm").backward(grad_y, x, weight, bias, m_in, m_out, needs,
-                                                                fp32_input_precision())
-    else:
-        grads = _backward_torch(grad_y, x, weight, bias, m_in, m_out, needs)
+    grads = dispatch.triton_kernels("masked_gemm").backward(grad_y, x, weight, bias, m_in, m_out, needs,
+                                                            fp32_input_precision())
     return dispatch.none_as_empty(grads, x)
 
 
 @_masked_linear_backward_op.register_fake
-def _(grad_y, x, weight, bias, m_in, m_out, need_x, need_w, need_b, need_m_in, need_m_out, backend):
+def _(grad_y, x, weight, bias, m_in, m_out, need_x, need_w, need_b, need_m_in, need_m_out):
     like = (x, weight, bias, m_in, m_out)
     needs = (need_x, need_w, need_b, need_m_in, need_m_out)
     return [torch.empty_like(t, memory_format=torch.contiguous_format) if (need and t is not None)
@@ -190,15 +190,14 @@ def _(grad_y, x, weight, bias, m_in, m_out, need_x, need_w, need_b, need_m_in, n
 
 
 def _masked_linear_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
-    ctx.backend = inputs[5]
+    ctx.save_for_backward(*inputs)
 
 
 def _masked_linear_backward(ctx, grad_y):
     x, weight, bias, m_in, m_out = ctx.saved_tensors
     needs = [need and t is not None for need, t in zip(ctx.needs_input_grad, (x, weight, bias, m_in, m_out))]
-    grads = _masked_linear_backward_op(grad_y, x, weight, bias, m_in, m_out, *needs, ctx.backend)
-    return (*dispatch.wanted(grads, needs), None)
+    grads = _masked_linear_backward_op(grad_y, x, weight, bias, m_in, m_out, *needs)
+    return dispatch.wanted(grads, needs)
 
 
 _masked_linear_op.register_autograd(_masked_linear_backward, setup_context=_masked_linear_setup_context)
@@ -219,14 +218,17 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     first, as ``F.linear`` does.
 
     Returns:
-        ``(..., N)`` in the dtype of ``x``, a new tensor (safe to modify in place),
-        differentiable in every tensor argument. CUDA tensors (or ``LUMOS_BACKEND=triton``) run
-        the Triton kernels, CPU tensors the torch backend, both through the custom op
-        ``torch.ops.lumos.masked_linear``.
+        ``(..., N)`` in the dtype of ``x``, differentiable in every tensor argument, safe to
+        modify in place (no backward reads it). CUDA tensors (or ``LUMOS_BACKEND=triton``) run
+        the Triton kernels through the custom op ``torch.ops.lumos.masked_linear`` (a new
+        tensor); CPU tensors, and problems with M, N or K equal to 0, the torch backend (plain
+        torch, autograd: like ``F.linear``, a view of a new tensor when ``x`` is not 2-D).
     """
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                            for t in (x, weight, bias))
     check_masked_linear_args(x, weight, bias, m_in, m_out)
-    return _masked_linear_op(x, weight, bias, m_in, m_out, dispatch.backend_for("masked_linear", x))
+    if dispatch.backend_for("masked_linear", x) == "triton" and _has_work(x, weight):
+        return _masked_linear_op(x, weight, bias, m_in, m_out)
+    return _masked_linear_torch(x, weight, bias, m_in, m_out)

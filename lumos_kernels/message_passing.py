@@ -27,11 +27,12 @@ features with fp32 accumulation (fp64 for fp64); int32 or int64 indices, address
 Every call checks the graph (``rowptr`` starts at 0, ends at ``E``, never decreases; ``col``
 in ``[0, num_nodes)``; a given transposed CSR matches ``col``), once per graph tensor: the
 result is remembered while the tensors are alive and not modified in place. (While a CUDA
-graph is being captured no check can run; the eager warm-up call before capture checks.)
+graph is being captured no check can run; the eager warm-up call before capture checks. A
+compiled torch backend does not check either: its indexing still refuses nodes out of range.)
 
-Both backends go through the custom op ``torch.ops.lumos.masked_message_passing`` (see
-:mod:`lumos_kernels.dispatch`): the reference's ``repeat_interleave`` has a data-dependent size
-that ``torch.compile(fullgraph=True)`` cannot trace, an opaque op has none.
+The Triton backend is the custom op ``torch.ops.lumos.masked_message_passing`` with that
+backward registered; the torch backend (CPU tensors) is :func:`masked_message_passing_reference`,
+plain torch differentiated by autograd (see :mod:`lumos_kernels.dispatch`).
 """
 from __future__ import annotations
 
@@ -233,39 +234,18 @@ def _check_transposed(rowptr_t: torch.Tensor, perm_t: torch.Tensor, col: torch.T
 
 
 # ----------------------------------------------------------------------------------------
-# Torch: the reference (oracle) and the torch backend
+# The torch backend (also the reference of the Triton kernels)
 # ----------------------------------------------------------------------------------------
 
-def _gine_terms(x, rowptr, col, edge_emb, eps):
-    """``(h, dst, pre)``: the pre-gate output, each edge's destination, ``x[col] + emb`` (differentiable)."""
+def masked_message_passing_reference(x, rowptr, col, edge_emb, m=None, eps=0.0):
+    """Plain-torch :func:`masked_message_passing` (same arguments, any device; gradients from
+    autograd): the torch backend, and the oracle of the Triton kernels. Its one data-dependent
+    size, the edges' destinations, is given (``output_size=E``), so ``torch.compile`` traces it."""
     num_nodes = rowptr.numel() - 1
     dst = torch.repeat_interleave(torch.arange(num_nodes, device=x.device), rowptr[1:] - rowptr[:-1],
                                   output_size=col.numel())
-    pre = x[col] + edge_emb
-    h = (1 + eps) * x + torch.zeros_like(x).index_add(0, dst, torch.relu(pre))
-    return h, dst, pre
-
-
-def masked_message_passing_reference(x, rowptr, col, edge_emb, m=None, eps=0.0):
-    """Plain-torch :func:`masked_message_passing` (same arguments, any device; gradients from autograd)."""
-    h, _, _ = _gine_terms(x, rowptr, col, edge_emb, eps)
+    h = (1 + eps) * x + torch.zeros_like(x).index_add(0, dst, torch.relu(x[col] + edge_emb))
     return h * m.to(h.dtype) if m is not None else h
-
-
-def _backward_torch(grad_out, x, col, dst, positive, m, eps, h, need_x, need_emb, need_m, need_eps):
-    """The explicit gradients of the module docstring: ``(dx, d_emb, dm, d_eps)``, None if unneeded."""
-    g_gated = grad_out * m.to(grad_out.dtype) if m is not None else grad_out
-    g_edge = g_gated[dst] * positive
-    dx = d_emb = dm = d_eps = None
-    if need_x:
-        dx = ((1 + eps) * g_gated).index_add_(0, col, g_edge)
-    if need_emb:
-        d_emb = g_edge
-    if need_m:
-        dm = (grad_out * h).sum(0).to(m.dtype)
-    if need_eps:
-        d_eps = (g_gated * x).sum().reshape(eps.shape)
-    return dx, d_emb, dm, d_eps
 
 
 def _runs_triton(backend: str, x: torch.Tensor) -> bool:
@@ -273,66 +253,40 @@ def _runs_triton(backend: str, x: torch.Tensor) -> bool:
 
 
 # ----------------------------------------------------------------------------------------
-# The custom ops (both backends) and the one backward
+# The Triton backend: a custom op and its one backward
 # ----------------------------------------------------------------------------------------
-
-# The torch backend returns what its backward needs (``h``, ``dst``, ``[pre > 0]``) as extra
-# outputs, so the CPU path costs what the reference costs; the Triton backend recomputes them
-# in its backward kernels and returns empty tensors there.
-
-def _empty_saved(x, col):
-    return x.new_empty(0), col.new_empty(0, dtype=torch.long), x.new_empty(0, dtype=torch.bool)
-
 
 @torch.library.custom_op("lumos::masked_message_passing", mutates_args=())
 def _message_passing_op(x: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor, edge_emb: torch.Tensor,
                         m: Optional[torch.Tensor], eps: torch.Tensor, rowptr_t: Optional[torch.Tensor],
-                        perm_t: Optional[torch.Tensor],
-                        backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        perm_t: Optional[torch.Tensor]) -> torch.Tensor:
     _check_graph(rowptr, col)
     if rowptr_t is not None:
         _check_transposed(rowptr_t, perm_t, col, x.shape[0])
-    if _runs_triton(backend, x):
-        out = dispatch.triton_kernels("message_passing").forward(x, rowptr, col, edge_emb, m, eps)
-        return (out, *_empty_saved(x, col))
-    with torch.no_grad():
-        h, dst, pre = _gine_terms(x, rowptr, col, edge_emb, eps)
-    if m is None:  # h is only needed for dm; outputs must not alias each other
-        return h, x.new_empty(0), dst, pre > 0
-    return h * m.to(h.dtype), h, dst, pre > 0
+    return dispatch.triton_kernels("message_passing").forward(x, rowptr, col, edge_emb, m, eps)
 
 
 @_message_passing_op.register_fake
-def _(x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t, backend):
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if backend == "triton":
-        return (out, *_empty_saved(x, col))
-    num_edges = col.shape[0]
-    return (out, torch.empty_like(out) if m is not None else x.new_empty(0),
-            col.new_empty(num_edges, dtype=torch.long), x.new_empty((num_edges, x.shape[1]), dtype=torch.bool))
+def _(x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("lumos::masked_message_passing_backward", mutates_args=())
 def _message_passing_backward_op(grad: torch.Tensor, x: torch.Tensor, rowptr: torch.Tensor,
                                  col: torch.Tensor, edge_emb: torch.Tensor, m: Optional[torch.Tensor],
                                  eps: torch.Tensor, rowptr_t: Optional[torch.Tensor],
-                                 perm_t: Optional[torch.Tensor], h: torch.Tensor, dst: torch.Tensor,
-                                 positive: torch.Tensor, need_x: bool, need_emb: bool, need_m: bool,
-                                 need_eps: bool, backend: str) -> List[torch.Tensor]:
+                                 perm_t: Optional[torch.Tensor], need_x: bool, need_emb: bool, need_m: bool,
+                                 need_eps: bool) -> List[torch.Tensor]:
     needs = (need_x, need_emb, need_m and m is not None, need_eps)
-    if _runs_triton(backend, x):
-        if rowptr_t is None:
-            rowptr_t, perm_t = _memo.remembered(rowptr, "transposed", lambda: transpose_csr(rowptr, col), col)
-        grads = dispatch.triton_kernels("message_passing").backward(grad, x, rowptr, col, edge_emb, m, eps,
-                                                                    rowptr_t, perm_t, needs)
-    else:
-        grads = _backward_torch(grad, x, col, dst, positive, m, eps, h, *needs)
+    if rowptr_t is None:
+        rowptr_t, perm_t = _memo.remembered(rowptr, "transposed", lambda: transpose_csr(rowptr, col), col)
+    grads = dispatch.triton_kernels("message_passing").backward(grad, x, rowptr, col, edge_emb, m, eps,
+                                                                rowptr_t, perm_t, needs)
     return dispatch.none_as_empty(grads, x)
 
 
 @_message_passing_backward_op.register_fake
-def _(grad, x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t, h, dst, positive, need_x, need_emb, need_m,
-      need_eps, backend):
+def _(grad, x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t, need_x, need_emb, need_m, need_eps):
     like = (x, edge_emb, m, eps)
     needs = (need_x, need_emb, need_m and m is not None, need_eps)
     return [torch.empty_like(t, memory_format=torch.contiguous_format) if need else x.new_empty(0)
@@ -340,19 +294,16 @@ def _(grad, x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t, h, dst, positive
 
 
 def _message_passing_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:-1], *output[1:])
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.backend = inputs[-1]
+    ctx.save_for_backward(*inputs)
 
 
-def _message_passing_backward(ctx, grad, _grad_h, _grad_dst, _grad_positive):
-    x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t, h, dst, positive = ctx.saved_tensors
-    need_x, _, _, need_emb, need_m, need_eps, _, _, _ = ctx.needs_input_grad
+def _message_passing_backward(ctx, grad):
+    x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t = ctx.saved_tensors
+    need_x, _, _, need_emb, need_m, need_eps, _, _ = ctx.needs_input_grad
     needs = (need_x, need_emb, need_m and m is not None, need_eps)
-    grads = _message_passing_backward_op(grad, x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t, h, dst,
-                                         positive, *needs, ctx.backend)
+    grads = _message_passing_backward_op(grad, x, rowptr, col, edge_emb, m, eps, rowptr_t, perm_t, *needs)
     dx, d_emb, dm, d_eps = dispatch.wanted(grads, needs)
-    return dx, None, None, d_emb, dm, d_eps, None, None, None
+    return dx, None, None, d_emb, dm, d_eps, None, None
 
 
 _message_passing_op.register_autograd(_message_passing_backward, setup_context=_message_passing_setup_context)
@@ -375,14 +326,22 @@ def masked_message_passing(x: torch.Tensor, rowptr: torch.Tensor, col: torch.Ten
             omitted.
 
     Returns:
-        ``(num_nodes, F)``, a new tensor (safe to modify in place). Both backends go through
-        the custom op ``torch.ops.lumos.masked_message_passing``: the Triton kernels for CUDA
-        tensors (or ``LUMOS_BACKEND=triton``), the torch formulas for CPU tensors.
+        ``(num_nodes, F)``, a new tensor (safe to modify in place). CUDA tensors (or
+        ``LUMOS_BACKEND=triton``) run the Triton kernels through the custom op
+        ``torch.ops.lumos.masked_message_passing``; CPU tensors the torch backend, the formula
+        of :func:`masked_message_passing_reference` in plain torch, differentiated by autograd.
+        The graph is checked on the first eager call with it; a compiled torch backend does not
+        check it (its indexing still refuses nodes out of range).
     """
     check_message_passing_args(x, rowptr, col, edge_emb, m, eps)
     if (rowptr_t is None) != (perm_t is None):
         raise ValueError(f"{_OP}: pass both `rowptr_t` and `perm_t`, or neither")
     if not isinstance(eps, torch.Tensor):
         eps = torch.tensor(float(eps), dtype=x.dtype, device=x.device)
-    return _message_passing_op(x, rowptr, col, edge_emb, m, eps.reshape(()), rowptr_t, perm_t,
-                               dispatch.backend_for(_OP, x))[0]
+    if _runs_triton(dispatch.backend_for(_OP, x), x):
+        return _message_passing_op(x, rowptr, col, edge_emb, m, eps.reshape(()), rowptr_t, perm_t)
+    if not torch.compiler.is_compiling():  # remembered per graph: a host sync once
+        _check_graph(rowptr, col)
+        if rowptr_t is not None:
+            _check_transposed(rowptr_t, perm_t, col, x.shape[0])
+    return masked_message_passing_reference(x, rowptr, col, edge_emb, m, eps.reshape(()))

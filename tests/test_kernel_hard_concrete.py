@@ -7,12 +7,15 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernel_checks import DEVICES, assert_compiles_for_cuda_target, needs_interpreter
-from lumos_kernels import hard_concrete, hard_concrete_reference, log_alpha_bounds, p_open, philox_uniform
+from lumos_kernels import gate_uniform, hard_concrete, hard_concrete_reference, log_alpha_bounds, p_open
+from lumos_kernels._triton.hard_concrete import gate_uniform as kernel_gate_uniform
 from lumos_kernels.hard_concrete import BETA, GAMMA, T_UP, ZETA, _hard_concrete_op
 
-# Tolerances, once per dtype. The kernel and the reference draw bit-identical uniforms; their
+# Tolerances, once per dtype. The kernel and the torch backend draw bit-identical uniforms; their
 # masks differ only by the last bits of log/sigmoid, so fp32 values agree to a few ulps.
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-6),
@@ -102,30 +105,27 @@ def test_hard_concrete_layer_views_of_a_flat_buffer_sample_the_same_gates(device
 
 
 @needs_interpreter
-def test_hard_concrete_offsets_wrap_like_the_reference():
+def test_hard_concrete_64_bit_offsets_match_the_reference_and_wrap_modulo_2_64():
     log_alpha = torch.zeros(100)
-    offset = 2**32 - 10  # counters wrap past 2**32 inside this launch
-    m = hard_concrete(log_alpha, seed=5, offset=offset)
-    m_ref = hard_concrete_reference(log_alpha, 5, offset, True)
-    torch.testing.assert_close(m, m_ref, **TOL[torch.float32])
-    assert torch.equal(m, hard_concrete(log_alpha, seed=5, offset=offset - 2**32))
+    for offset in (2**32 - 10, 2**63 - 50):  # counters cross 2**32, then wrap past 2**64 (as int64: 2**63)
+        m = hard_concrete(log_alpha, seed=5, offset=offset)
+        torch.testing.assert_close(m, hard_concrete_reference(log_alpha, 5, offset, True), **TOL[torch.float32])
+        assert torch.equal(m, hard_concrete(log_alpha, seed=5, offset=offset - 2**64))
+
+
+@triton.jit(do_not_specialize=["key", "offset"])
+def _kernel_uniforms(out_ptr, n, key: tl.int64, offset: tl.int64, BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + idx, kernel_gate_uniform(key, offset.to(tl.int64) + idx), mask=idx < n)
 
 
 @needs_interpreter
-def test_tl_rand_is_bit_identical_to_philox_uniform():
-    """The kernel's noise source and the reference's are the same numbers, bit for bit."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit(do_not_specialize=["seed", "offset"])
-    def _uniforms(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
-        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out_ptr + idx, tl.rand(seed, offset + idx), mask=idx < n)
-
-    for seed, offset in ((0, 0), (7, 123), (2**40 + 3, 2**31 - 5)):
+def test_kernel_uniforms_are_bit_identical_to_gate_uniform():
+    """The kernel's noise source and the torch backend's are the same numbers, bit for bit."""
+    for key, offset in ((0, 0), (7, 123), (-(2**40) - 3, 2**31 - 5), (2**63 - 1, 2**63 - 1000)):
         out = torch.empty(3000)
-        _uniforms[(3,)](out, 3000, seed, offset - 2**32 if offset >= 2**31 else offset, BLOCK=1024)
-        assert torch.equal(out, philox_uniform(seed, offset, 3000))
+        _kernel_uniforms[(3,)](out, 3000, key, offset, BLOCK=1024)
+        assert torch.equal(out, gate_uniform(key, offset, 3000))
 
 
 @needs_interpreter
@@ -158,17 +158,17 @@ def test_hard_concrete_empty_buffer():
     assert m.shape == (0,) and total.item() == 0.0
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+@needs_interpreter
 @pytest.mark.parametrize("training", [True, False])
-def test_hard_concrete_opcheck(backend, training):
+def test_hard_concrete_opcheck(training):
     log_alpha = _logits((40,))
-    args = (log_alpha, torch.tensor(3), 5, training, 0.05, 0.95, BETA, GAMMA, ZETA, 0.0, backend)
+    args = (log_alpha, torch.tensor(3), 5, training, 0.05, 0.95, BETA, GAMMA, ZETA, 0.0)
     torch.library.opcheck(_hard_concrete_op, args)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
 def test_hard_concrete_torch_compile_fullgraph(backend, monkeypatch):
-    """Both backends are one opaque op to torch.compile (inductor takes minutes on the Philox math)."""
+    """Triton: one opaque op to torch.compile; torch: traced and fused by inductor, the same numbers."""
     monkeypatch.setenv("LUMOS_BACKEND", backend)
     log_alpha = _logits((500,))
 
@@ -290,8 +290,7 @@ floats = ["noise_lo", "noise_scale", "u_eps", "inv_beta", "gamma", "zeta", "log_
 for arch in (80, 90):
     for dt, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
         sig = {name: "fp32" for name in floats}
-        sig.update(log_alpha_ptr="*" + dt, m_ptr="*" + dt, dm_ptr="*" + acc, p_open_part_ptr="*" + acc,
-                   seed="i64")
+        sig.update(log_alpha_ptr="*" + dt, m_ptr="*" + dt, dm_ptr="*" + acc, p_open_part_ptr="*" + acc)
         for training in (True, False):
             compile_for_cuda_target(kernel, sig, dict(TRAINING=training, BLOCK=1024), capability=arch)
 print("compiled")

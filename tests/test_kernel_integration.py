@@ -1,6 +1,6 @@
 """lumos layers run through the lumos_kernels ops on the Triton backend (CPU interpreter here).
 
-The Triton and torch backends draw the same Philox numbers, so a gated model gives the same
+The Triton and torch backends draw the same SplitMix64 numbers, so a gated model gives the same
 outputs and gradients on both (masks differ by at most an ulp inside the band).
 """
 import pytest

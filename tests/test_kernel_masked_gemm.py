@@ -140,15 +140,17 @@ def test_masked_linear_rejects_mixed_dtypes():
         masked_linear(torch.randn(2, 3), torch.randn(4, 3, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
-@pytest.mark.parametrize("optional", [True, False])
-def test_masked_linear_opcheck(backend, optional):
-    x, w, b, gi, go = _inputs((3, 5), 7, 9, bias=optional, m_in=optional, m_out=True)
-    torch.library.opcheck(_masked_linear_op, (x, w, b, gi, go, backend))
-
-
 @needs_interpreter
-def test_masked_linear_torch_compile_fullgraph():
+@pytest.mark.parametrize("optional", [True, False])
+def test_masked_linear_opcheck(optional):
+    x, w, b, gi, go = _inputs((3, 5), 7, 9, bias=optional, m_in=optional, m_out=True)
+    torch.library.opcheck(_masked_linear_op, (x, w, b, gi, go))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_interpreter), "torch"])
+def test_masked_linear_torch_compile_fullgraph(backend, monkeypatch):
+    """Triton: one opaque op to torch.compile; torch: traced and fused by inductor."""
+    monkeypatch.setenv("LUMOS_BACKEND", backend)
     x, w, b, gi, go = _inputs((6,), 10, 12)
 
     def loss(x, w, b, gi, go):
@@ -190,7 +192,8 @@ def test_masked_linear_output_may_be_modified_in_place(device, backend, lead, mo
     grads = []
     for in_place in (True, False):
         y = masked_linear(*args)
-        assert y._base is None  # a fresh tensor, not a view
+        if backend == "triton":
+            assert y._base is None  # a fresh tensor (the torch backend may return F.linear's view of one)
         y = torch.relu_(y.add_(0.5)) if in_place else torch.relu(y + 0.5)
         grads.append(torch.autograd.grad(y.square().sum(), args))
     for got, want in zip(*grads):

@@ -1,12 +1,13 @@
 """The torch backend of the lumos_kernels ops (the CPU path): float64 gradcheck, the plain references
-(autograd of the formulas) as oracle, gate law, noise contract, CSR, argument errors."""
+and the closed-form gradients of KERNELS.md as oracles, the noise generator against a pure-Python
+SplitMix64, gate law, noise contract, CSR, argument errors."""
 import math
 
 import pytest
 import torch
 
-from lumos_kernels import (hard_concrete, hard_concrete_reference, masked_linear, masked_linear_reference,
-                           masked_message_passing, masked_message_passing_reference, p_open, philox_uniform,
+from lumos_kernels import (gate_uniform, hard_concrete, hard_concrete_reference, masked_linear,
+                           masked_linear_reference, masked_message_passing, masked_message_passing_reference, p_open,
                            to_csr)
 from lumos_kernels.hard_concrete import BETA, GAMMA, ZETA
 
@@ -83,14 +84,38 @@ def test_to_csr_sorts_by_destination_stably():
     assert csr.destinations().tolist() == [0, 0, 1, 2, 2]
 
 
-def test_philox_uniform_in_unit_interval_and_keyed():
-    u = philox_uniform(5, 0, 10000)
-    assert u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
-    assert abs(u.mean().item() - 0.5) < 0.01
-    assert torch.equal(u, philox_uniform(5, 0, 10000))
-    assert not torch.equal(u, philox_uniform(6, 0, 10000))
-    # offsets address the same stream: counter offset + i
-    assert torch.equal(philox_uniform(5, 100, 50), u[100:150])
+def _splitmix64_outputs(seed: int, first: int, count: int) -> list[int]:
+    """Outputs ``first .. first + count - 1`` of SplitMix64 seeded with ``seed``, written from the
+    published algorithm with Python ints (an oracle independent of the int64-tensor emulation)."""
+    mask = (1 << 64) - 1
+    outputs = []
+    for index in range(first, first + count):
+        z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        outputs.append(z ^ (z >> 31))
+    return outputs
+
+
+@pytest.mark.parametrize("key, offset", [(0, 0), (5, 100), (-3, 2**40 + 7), (2**63 - 1, 2**64 - 4)])
+def test_gate_uniform_is_the_top_24_bits_of_splitmix64(key, offset):
+    u = gate_uniform(key, offset, 8)
+    want = [(z >> 40) * 2.0 ** -24 for z in _splitmix64_outputs(key & (2**64 - 1), offset, 8)]
+    assert u.dtype == torch.float32 and u.tolist() == want  # exact: every value is a multiple of 2**-24
+    assert torch.equal(gate_uniform(torch.tensor(key), offset, 8), u)  # a tensor key: the same numbers
+
+
+def test_gate_uniform_is_uniform_keyed_and_addressed_by_counter():
+    u = gate_uniform(5, 0, 100_000)
+    assert 0 <= u.min() and u.max() < 1
+    # 20 equal bins: chi-square with 19 degrees of freedom; 50 is far beyond its 99.99th percentile
+    counts = torch.histc(u, bins=20, min=0.0, max=1.0)
+    assert float(((counts - 5000) ** 2 / 5000).sum()) < 50
+    for lag in (1, 2, 64):  # neighbouring counters are uncorrelated (standard error 1/sqrt(n) ~ 0.003)
+        assert abs(torch.corrcoef(torch.stack([u[:-lag], u[lag:]]))[0, 1]) < 0.02
+    # neighbouring keys (consecutive steps give unrelated keys anyway) draw unrelated numbers
+    assert abs(torch.corrcoef(torch.stack([u, gate_uniform(6, 0, 100_000)]))[0, 1]) < 0.02
+    assert torch.equal(gate_uniform(5, 100, 50), u[100:150])  # offsets address the same stream
 
 
 def _law(log_alpha):
@@ -185,18 +210,26 @@ def test_backend_env_rejects_unknown(monkeypatch):
 
 # ------------------------------------------------------- the torch backend against the plain reference
 
-def test_hard_concrete_torch_backend_matches_the_reference_values_and_gradients():
-    """The op's closed-form backward against autograd through the reference's sampling formula."""
+def test_hard_concrete_torch_backend_gradients_are_the_closed_forms_of_kernels_md():
+    """Autograd through the torch backend's sampling formula against the closed-form derivative the
+    Triton backward uses: (z - gamma)(zeta - z) / ((zeta - gamma) beta) inside the band where
+    0 < z < 1, else 0; the penalty's p_open (1 - p_open)."""
     log_alpha = (torch.rand(500, dtype=torch.float64) * 8 - 4).requires_grad_()
+    pi = p_open(log_alpha.detach())
+    in_band = (pi > 0.05) & (pi <= 0.95)
     for training in (True, False):
         m, total = hard_concrete(log_alpha, seed=3, offset=9, training=training, return_p_open_sum=True)
-        m_ref = hard_concrete_reference(log_alpha, 3, 9, training)
-        torch.testing.assert_close(m, m_ref)
-        torch.testing.assert_close(total, p_open(log_alpha).sum())
+        assert torch.equal(m, hard_concrete_reference(log_alpha, 3, 9, training))  # the same formulas
+        ref_grad = torch.autograd.grad((hard_concrete_reference(log_alpha, 3, 9, training) * 1.0).sum(), log_alpha)[0]
+        torch.testing.assert_close(ref_grad, torch.autograd.grad(m.sum(), log_alpha, retain_graph=True)[0])
+        torch.testing.assert_close(total, pi.sum())
+        live = in_band & (m > 0) & (m < 1)
+        assert live.sum() > 50 and (~live).sum() > 50
+        slope = (m - GAMMA) * (ZETA - m) / ((ZETA - GAMMA) * (BETA if training else 1.0))
         weights = torch.randn(500, dtype=torch.float64)
         got = torch.autograd.grad((m * weights).sum() + 0.3 * total, log_alpha)[0]
-        want = torch.autograd.grad((m_ref * weights).sum() + 0.3 * p_open(log_alpha).sum(), log_alpha)[0]
-        torch.testing.assert_close(got, want)
+        want = torch.where(live, weights * slope, 0.0) + 0.3 * pi * (1 - pi)
+        torch.testing.assert_close(got, want.detach())
 
 
 def test_masked_linear_torch_backend_matches_the_reference_values_and_gradients():
@@ -210,16 +243,47 @@ def test_masked_linear_torch_backend_matches_the_reference_values_and_gradients(
             torch.testing.assert_close(got, want)
 
 
-def test_message_passing_torch_backend_matches_the_reference_values_and_gradients():
-    csr = to_csr(_graph(num_nodes=8, num_edges=30, seed=4), 8)
-    args = [_f64(8, 5), _f64(30, 5), torch.rand(5, dtype=torch.float64, requires_grad=True),
-            torch.tensor(0.2, dtype=torch.float64, requires_grad=True)]
-    out = masked_message_passing(args[0], csr.rowptr, csr.col, *args[1:])
-    ref = masked_message_passing_reference(args[0], csr.rowptr, csr.col, *args[1:])
-    torch.testing.assert_close(out, ref)
-    grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad)):
+@pytest.mark.parametrize("bias, m_in, m_out", [(True, False, True), (False, True, False), (False, True, True),
+                                                (True, True, True)])
+@pytest.mark.parametrize("frozen", ["none", "weights", "gates"])
+def test_masked_linear_torch_backend_gradients_with_some_arguments_absent_or_frozen(bias, m_in, m_out, frozen):
+    """Every combination the backward branches on: absent bias or gate, weights or gates without
+    gradient, gates in another dtype (fp32 gates on fp64 weights)."""
+    x, w = _f64(5, 9), _f64(7, 9)
+    b = _f64(7) if bias else None
+    gi = torch.rand(9, requires_grad=True) if m_in else None
+    go = torch.rand(7, requires_grad=True) if m_out else None
+    frozen_args = {"none": [], "weights": [w, b], "gates": [gi, go]}[frozen]
+    for t in frozen_args:
+        if t is not None:
+            t.requires_grad_(False)
+    args = [t for t in (x, w, b, gi, go) if t is not None and t.requires_grad]
+    y, y_ref = masked_linear(x, w, b, gi, go), masked_linear_reference(x, w, b, gi, go)
+    torch.testing.assert_close(y, y_ref)
+    grad = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, args, grad), torch.autograd.grad(y_ref, args, grad)):
+        assert got.dtype == want.dtype
         torch.testing.assert_close(got, want)
+
+
+def test_message_passing_torch_backend_gradients_are_the_closed_forms_of_kernels_md():
+    """Autograd through the torch backend against the explicit gradients the Triton kernels compute."""
+    csr = to_csr(_graph(num_nodes=8, num_edges=30, seed=4), 8)
+    x, emb = _f64(8, 5), _f64(30, 5)
+    m = torch.rand(5, dtype=torch.float64, requires_grad=True)
+    eps = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    out = masked_message_passing(x, csr.rowptr, csr.col, emb, m, eps)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, emb, m, eps), grad)
+    with torch.no_grad():
+        dst, src = csr.destinations(), csr.col
+        positive = (x[src] + emb > 0).double()
+        g_edge = m * grad[dst] * positive
+        h = (1 + eps) * x + torch.zeros_like(x).index_add(0, dst, torch.relu(x[src] + emb))
+        want = ((1 + eps) * m * grad + torch.zeros_like(x).index_add(0, src, g_edge),
+                g_edge, (grad * h).sum(0), (m * grad * x).sum())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_hard_concrete_mask_of_a_gate_depends_only_on_its_position_in_the_flat_buffer():

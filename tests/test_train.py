@@ -373,6 +373,24 @@ def test_penalty_refuses_nan_logits_naming_the_gate(gated_mlp):
         lumos.penalty(gated_mlp, "params")
 
 
+@pytest.mark.parametrize("name", ["residual", "sequence_input", "norms_sigmoid"])
+@pytest.mark.parametrize("kind", ["params", "flops", "count"])
+def test_expected_and_soft_kept_in_one_evaluation_match_the_separate_ones(name, kind):
+    model, x = mlp_zoo()[name]
+    gated = lumos.gate(model, x)
+    randomize_gates(gated, seed=3)
+    costs = cost_model(gated)
+    expected, soft = costs.expected_and_soft_kept(kind)
+    assert expected.requires_grad and not soft.requires_grad
+    torch.testing.assert_close(expected, costs.expected(kind))
+    torch.testing.assert_close(soft.double(), costs.soft_kept(kind), rtol=1e-6, atol=1e-6)
+    logits = [g.log_alpha for g in costs.gates]
+    got = torch.autograd.grad(expected, logits)
+    want = torch.autograd.grad(costs.expected(kind), logits)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_cost_model_evaluates_every_layer_in_one_pass_matching_the_per_layer_formula():
     model, x = mlp_zoo()["residual"]
     gated = lumos.gate(model, x)

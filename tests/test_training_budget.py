@@ -66,3 +66,45 @@ def test_readme_own_loop_recipe_reaches_its_target_with_the_relevant_inputs(seed
     assert kept_inputs(gated) == set(task.relevant)
     small = namespace["small"]
     assert lumos.evaluate(small, task.val, metric=task.metric)[1] > 0.9
+
+
+@pytest.mark.parametrize("in_band", [True, False])
+def test_train_step_samples_once_evaluates_cost_once_and_reads_nothing_back(in_band, monkeypatch):
+    """The structure of a gated training step (issue 10): one sampling call, one vectorised cost
+    evaluation, no walk over the model's modules and no host read-back, inside the stochastic
+    band and outside it."""
+    from torch import nn
+    from torch.profiler import ProfilerActivity, profile
+
+    import lumos.gates
+    from lumos.cost import CostModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.SiLU(), nn.Linear(32, 32), nn.SiLU(), nn.Linear(32, 2))
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    gated = lumos.gate(model, x[:8])
+    if in_band:
+        with torch.no_grad():
+            for _, gate in lumos.gates_of(gated):
+                gate.log_alpha.uniform_(-1.0, 1.0)
+    optimizer = torch.optim.SGD(lumos.param_groups(gated, lr=1e-3))  # Adam reads its step count back on CPU
+    controller = lumos.BudgetController(gated, target=0.3, total_steps=10**6, warmup=0.0)
+    for _ in range(2):
+        lumos.train_step(gated, (x,), y, optimizer, controller=controller)
+
+    calls = {"sample": 0, "cost": 0, "walk": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(lumos.gates, "hard_concrete", counting("sample", lumos.gates.hard_concrete))
+    monkeypatch.setattr(CostModel, "_cost", counting("cost", CostModel._cost))
+    monkeypatch.setattr(nn.Module, "named_modules", counting("walk", nn.Module.named_modules))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        lumos.train_step(gated, (x,), y, optimizer, controller=controller)
+    read_backs = sum(e.count for e in prof.key_averages() if e.key in ("aten::item", "aten::_local_scalar_dense"))
+    assert calls == {"sample": 1, "cost": 1, "walk": 0}
+    assert read_backs == 0

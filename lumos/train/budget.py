@@ -143,9 +143,10 @@ class BudgetController:
         """``lam * E`` (times the detached ``task_loss`` when ``relative``), differentiable in
         the gates; also keeps ``E`` for :meth:`step`."""
         costs = cost_model(self.model)
-        expected = costs.expected(self.cost) / costs.dense[self.cost]
+        expected, soft_kept = costs.expected_and_soft_kept(self.cost)  # one vectorised evaluation
+        expected = expected / costs.dense[self.cost]
         self._expected = expected.detach().double()
-        self._soft_kept = costs.soft_kept(self.cost) / costs.dense[self.cost]
+        self._soft_kept = soft_kept.double() / costs.dense[self.cost]
         if self._measures_kept():
             with torch.no_grad():
                 units = costs.kept_units()
