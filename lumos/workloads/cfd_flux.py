@@ -62,7 +62,7 @@ SIZES = {
     "full": dict(n_train=20000, n_val=4000, n_test=4000, n_distractors=6, hidden=(256, 256, 256),
                  epochs=20, fine_tune_epochs=5, lr=1e-3, batch_size=256),
     # what `lumos demo` runs: big enough that compaction pays off on a 4096-row batch, small
-    # enough to take seconds of CPU time (15 s on one loaded core, measured)
+    # enough to take seconds of CPU time (18 s CPU, 13 s wall on 2 idle-ish cores, measured)
     "demo": dict(n_train=10000, n_val=2000, n_test=4096, n_distractors=6, hidden=(256, 256),
                  epochs=12, fine_tune_epochs=3, lr=2e-3, batch_size=256),
 }
