@@ -1,4 +1,4 @@
-"""The ``lumos`` command: ``lumos demo``, ``lumos run WORKLOAD``, ``lumos bench``."""
+"""The ``lumos`` command: ``lumos demo``, ``lumos run WORKLOAD``, ``lumos bench``, ``lumos latency``."""
 from __future__ import annotations
 
 import argparse
@@ -11,23 +11,36 @@ lumos shrinks scientific-ML models in one training run: L0 gates learn which inp
 matter and how wide each layer should be, then the model is compacted into plain, smaller
 PyTorch layers.
 
-  lumos demo                 the whole pipeline on the built-in CFD flux surrogate (about 30 s on 2 CPU cores)
-  lumos run cfd_flux ...     the same on a named built-in workload, with options
-  lumos bench                dense vs compacted CPU latency of an MLP at 75% and 90% pruned
+  lumos demo                 the whole pipeline on the built-in CFD flux surrogate (no download)
+  lumos run WORKLOAD ...     the same on any built-in workload, with options (lumos run --help lists them)
+  lumos bench [WORKLOAD ...] lumos vs dense vs L1 / Torch-Pruning / unstructured pruning on the workloads
+  lumos latency              dense vs compacted CPU latency of an MLP at 75% and 90% pruned
 """
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
+def _workload_lines() -> str:
+    from .workloads import available, describe
+
+    width = max(len(name) for name in available())
+    return "\n".join(f"  {name.ljust(width)}  {describe(name)}" for name in available())
+
+
+def _add_run_options(parser: argparse.ArgumentParser, default_out: str, default_size: str = "full",
+                     sizes=("small", "full")) -> None:
     parser.add_argument("--target", type=float, default=0.2,
                         help="fraction of the dense model's cost to keep, in (0, 1] (default 0.2)")
     parser.add_argument("--cost", choices=("params", "flops", "count"), default="params",
                         help="what the target counts (default params)")
+    parser.add_argument("--size", choices=sizes, default=default_size,
+                        help=f"workload size: {', '.join(sizes)} (small: seconds, for tests; default {default_size})")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of the dense baseline (the gated model trains twice as many); "
+                        help="E: the gated model trains 2E epochs, the dense one 2E + F (the same budget); "
                              "default: the workload's")
+    parser.add_argument("--fine-tune-epochs", type=int, default=None,
+                        help="F: epochs of fine-tuning after compaction, 0 skips it; default: the workload's")
     parser.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
-    parser.add_argument("--out", default="lumos-demo",
-                        help="folder for report.md, report.json, report.png (default lumos-demo)")
+    parser.add_argument("--out", default=default_out,
+                        help=f"folder for report.md, report.json, report.png, training.png (default {default_out})")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--nproc", type=int, default=1,
                         help="train data-parallel in N processes launched with torchrun (gloo on CPU, NCCL with "
@@ -43,6 +56,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation.bench import BASELINES
     from .workloads import available
 
     parser = argparse.ArgumentParser(prog="lumos", description=DESCRIPTION,
@@ -50,16 +64,47 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="run the whole pipeline on cfd_flux and print one table",
                           description="Train a dense baseline and a gated model on the built-in cfd_flux "
-                                      "workload (Euler flux surrogate with distractor inputs), compact, "
-                                      "and print kept features, widths, params/FLOPs, validation R2 and "
-                                      "CPU latency. Writes report.{md,json,png}.")
-    _add_run_options(demo)
-    run = sub.add_parser("run", help="the pipeline on a named built-in workload")
-    run.add_argument("workload", choices=available(), help="built-in workload")
-    _add_run_options(run)
-    bench = sub.add_parser("bench", help="dense vs compacted CPU latency of an MLP at 75%% and 90%% pruned")
-    bench.add_argument("--rows", type=int, default=4096, help="batch rows (default 4096)")
-    bench.add_argument("--width", type=int, default=512, help="hidden width (default 512)")
+                                      "workload (Euler flux surrogate with distractor inputs), compact, fine-tune, "
+                                      "and print kept features, widths, params/FLOPs, test R2, CPU latency, "
+                                      "peak memory and training time. Writes report.{md,json} and, with "
+                                      "matplotlib, report.png and training.png. The default size, demo "
+                                      "(10,000 rows, a 256x256 MLP), takes seconds of CPU time; full is "
+                                      "lumos run cfd_flux --size full.")
+    _add_run_options(demo, "lumos-demo", default_size="demo", sizes=("small", "demo", "full"))
+    run = sub.add_parser("run", help="the pipeline on a named built-in workload",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Dense baseline, gated training to --target, compaction and fine-tuning on "
+                                     "a built-in workload; writes report.{md,json} and, with matplotlib, "
+                                     "report.png and training.png (loss, metric and kept fraction per epoch).\n\n"
+                                     "workloads:\n" + _workload_lines())
+    run.add_argument("workload", choices=available(), metavar="WORKLOAD", help="one of: " + ", ".join(available()))
+    _add_run_options(run, "lumos-run")
+    bench = sub.add_parser("bench", help="lumos vs dense vs peer pruning methods on the built-in workloads",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Every workload (or those named) with the dense model, lumos, L1-norm "
+                                       "structured pruning, Torch-Pruning (DepGraph, L1; needs "
+                                       "'pip install lumos[pruning]', else reported as skipped) and unstructured "
+                                       "masks, all at lumos' kept-parameter fraction and the same training "
+                                       "budget. Writes results.md, results.json and, with matplotlib, results.png "
+                                       "(metric vs kept parameters). --size small takes minutes on 2 CPU cores, "
+                                       "full takes hours.\n\nThe MLP latency table this command printed before "
+                                       "is now 'lumos latency'.\n\nworkloads:\n" + _workload_lines())
+    bench.add_argument("workloads", nargs="*", metavar="WORKLOAD", help="workloads to run (default: all)")
+    bench.add_argument("--size", choices=("small", "full"), default="small", help="workload size (default small)")
+    bench.add_argument("--out", default="lumos-bench", help="folder for the results (default lumos-bench)")
+    bench.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds to run (default 0)")
+    bench.add_argument("--targets", type=float, nargs="+", default=[0.2],
+                       help="lumos targets, fractions of the parameters to keep (default 0.2)")
+    bench.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES), metavar="METHOD",
+                       help="peer methods to run beside dense and lumos, any of " + ", ".join(BASELINES)
+                            + " (default all; none: only dense and lumos, e.g. to check feature selection on "
+                              "more seeds)")
+    bench.add_argument("--repeats", type=int, default=50, help="timed forwards per model (default 50)")
+    bench.add_argument("--note", default="", help="a line printed under the title of results.md")
+    bench.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
+    latency = sub.add_parser("latency", help="dense vs compacted CPU latency of an MLP at 75%% and 90%% pruned")
+    latency.add_argument("--rows", type=int, default=4096, help="batch rows (default 4096)")
+    latency.add_argument("--width", type=int, default=512, help="hidden width (default 512)")
     return parser
 
 
@@ -84,30 +129,60 @@ def _run(args, name: str) -> int:
     if not 0.0 < args.target <= 1.0:
         print(f"lumos: --target must be a fraction in (0, 1], got {args.target}", file=sys.stderr)
         return 2
-    for option, value in (("--nproc", args.nproc), ("--checkpoint-every", args.checkpoint_every)):
-        if value is not None and value < 1:
-            print(f"lumos: {option} must be >= 1, got {value}", file=sys.stderr)
+    for option, value, least in (("--epochs", args.epochs, 1), ("--fine-tune-epochs", args.fine_tune_epochs, 0),
+                                 ("--nproc", args.nproc, 1), ("--checkpoint-every", args.checkpoint_every, 1)):
+        if value is not None and value < least:
+            print(f"lumos: {option} must be >= {least}, got {value}", file=sys.stderr)
             return 2
     if args.checkpoint_every is not None and args.checkpoint is None:
         print("lumos: --checkpoint-every needs --checkpoint DIR", file=sys.stderr)
         return 2
     if args.nproc > 1 and not launched_by_torchrun():
         return _launch(args.nproc, args.argv)
+    from .compact import CompactionError
     from .pipeline import run_workload
 
     options = dict(precision=args.precision, compile=args.compile, checkpoint_every=args.checkpoint_every)
-    result = run_workload(name, target=args.target, cost=args.cost, dense_epochs=args.epochs,
-                          seed=args.seed, out_dir=args.out, progress=not args.no_progress,
-                          checkpoint_dir=args.checkpoint, fit_options=options)
+    try:
+        result = run_workload(name, size=args.size, target=args.target, cost=args.cost, epochs=args.epochs,
+                              fine_tune_epochs=args.fine_tune_epochs, seed=args.seed, out_dir=args.out,
+                              progress=not args.no_progress, checkpoint_dir=args.checkpoint, fit_options=options)
+    except CompactionError as err:  # e.g. the gated model predicts a constant: say so, no traceback
+        print(f"lumos {args.command}: {err}", file=sys.stderr)
+        return 1
     if result is None:  # a data-parallel rank other than 0: rank 0 reports
         return 0
     print()
     print(result.table())
-    print(f"\nreport: {args.out}/report.md, {args.out}/report.json, {args.out}/report.png")
+    print(f"\nwritten: {', '.join(result.files)}")
     return 0
 
 
 def _bench(args) -> int:
+    from .evaluation.bench import run_bench
+    from .workloads import available
+
+    unknown = [name for name in args.workloads if name not in available()]
+    if unknown:
+        print(f"lumos bench: unknown workload(s) {', '.join(unknown)}; known: {', '.join(available())}",
+              file=sys.stderr)
+        return 2
+    bad = [t for t in args.targets if not 0.0 < t <= 1.0]
+    if bad or args.repeats < 1:
+        print(f"lumos bench: --targets must be fractions in (0, 1] and --repeats >= 1, got {args.targets}, "
+              f"{args.repeats}", file=sys.stderr)
+        return 2
+    results = run_bench(args.workloads or None, size=args.size, seeds=args.seeds, targets=args.targets,
+                        baselines_to_run=args.baselines, out_dir=args.out, repeats=args.repeats, note=args.note,
+                        command="lumos " + shlex.join(args.argv), progress=args.progress)
+    from .evaluation.results import to_markdown
+
+    print(to_markdown(results))
+    print(f"written: {', '.join(results['files'])}")
+    return 0
+
+
+def _latency(args) -> int:
     import torch
     from torch import nn
 
@@ -146,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, args.workload)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "latency":
+        return _latency(args)
     parser.print_help()
     return 0
 

@@ -140,15 +140,16 @@ def test_lumos_run_nproc_2_trains_data_parallel_and_reports_once(tmp_path):
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "lumos", "run", "cfd_flux", "--nproc", "2", "--epochs", "1", "--no-progress",
-               "--out", "report", "--checkpoint", "checkpoints"]
+    command = [sys.executable, "-m", "lumos", "run", "cfd_flux", "--nproc", "2", "--size", "small", "--epochs", "1",
+               "--fine-tune-epochs", "1", "--no-progress", "--out", "report", "--checkpoint", "checkpoints"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "launching 2 processes" in done.stderr and "torch.distributed.run" in done.stderr
-    assert done.stdout.count("[3/4] compacting") == 1 and done.stdout.count("report: report/report.md") == 1
+    assert done.stdout.count("[3/4] compacting") == 1 and done.stdout.count("written: report/report.md") == 1
     result = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert result["params"]["compacted"] < result["params"]["dense"]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["dense.pt", "gated.pt"]
+    assert result["params"]["lumos"] < result["params"]["dense"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "dense.pt", "dense_more.pt", "fine_tune.pt", "gated.pt"]
     saved = torch.load(tmp_path / "checkpoints" / "gated.pt", weights_only=True)
     assert saved["settings"]["processes"] == 2 and saved["state"]["epoch"] == 2

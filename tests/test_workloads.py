@@ -103,3 +103,80 @@ def test_r2_is_one_for_perfect_prediction_and_zero_for_mean():
     y = torch.randn(100, 3, generator=torch.Generator().manual_seed(0))
     assert r2_score(y, y) == pytest.approx(1.0)
     assert r2_score(y.mean(0).expand_as(y), y) == pytest.approx(0.0, abs=1e-12)
+
+
+# -- every workload: registry, sizes, determinism, shapes ----------------------------------------
+ALL = workloads.available()
+
+
+def _tensors(data):
+    """Every tensor of a split: an (inputs, targets) pair or a GraphSet."""
+    if isinstance(data, tuple):
+        return list(data)
+    return [data.x, data.edge_index, data.edge_attr, data.node_ptr, data.edge_ptr, data.y]
+
+
+def test_registry_lists_the_six_workloads_of_the_paper_with_descriptions():
+    assert ALL == ["cfd_flux", "md_forces", "cosmo3d", "em_denoise", "molecules", "vit_fields"]
+    for name in ALL:
+        assert len(workloads.describe(name)) > 20
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_small_workload_same_seed_identical_other_seed_differs(name):
+    a, b, c = (workloads.load(name, "small", seed=s) for s in (4, 4, 5))
+    for split in ("train", "val", "test"):
+        same = zip(_tensors(getattr(a, split)), _tensors(getattr(b, split)))
+        assert all(torch.equal(s, t) for s, t in same)
+    assert not torch.equal(_tensors(a.train)[0], _tensors(c.train)[0])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_small_workload_shapes_names_finite_and_model_output(name):
+    w = workloads.load(name, "small")
+    assert w.size == "small" and w.seed == 0
+    assert len(set(w.feature_names)) == len(w.feature_names)
+    assert set(w.informative_features) < set(w.feature_names)  # every workload has distractors
+    assert w.distractor_features
+    for split in ("train", "val", "test"):
+        for t in _tensors(getattr(w, split)):
+            assert not t.is_floating_point() or torch.isfinite(t).all()
+        inputs = w.inputs(split, 5)
+        assert inputs[0].dtype == torch.float32
+        assert inputs[0].shape[w.feature_dim] == len(w.feature_names)
+    torch.manual_seed(0)
+    model = w.make_model()
+    out = model(*w.inputs("val", 5))
+    n_samples = 5
+    if w.metric_name == "accuracy":
+        assert out.shape == (n_samples, len(w.target_names))
+    else:
+        target = (w.val[1] if isinstance(w.val, tuple) else w.val.y)[:n_samples]
+        assert out.shape == target.shape
+    assert set(w.fit_defaults) == {"epochs", "fine_tune_epochs", "lr", "batch_size"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_full_size_has_more_data_than_small(name):
+    small, full = workloads.SIZES  # ("small", "full")
+    module = __import__(f"lumos.workloads.{name}", fromlist=["SIZES"])
+    assert {small, full} <= set(module.SIZES) <= {small, full, "demo"}
+    assert module.SIZES[full]["n_train"] > module.SIZES[small]["n_train"]
+
+
+def test_cfd_flux_demo_size_sits_between_small_and_full_and_other_workloads_refuse_it():
+    demo = workloads.load("cfd_flux", "demo")
+    assert demo.size == "demo"
+    sizes = [workloads.load("cfd_flux", s).train[0].shape[0] for s in ("small", "demo", "full")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+    with pytest.raises(ValueError, match=r"md_forces\.load: `size` must be one of small, full, got 'demo'"):
+        workloads.load("md_forces", "demo")
+
+
+def test_bad_size_and_unknown_argument_are_refused_naming_the_function():
+    with pytest.raises(ValueError, match=r"md_forces\.load: `size` must be one of small, full"):
+        workloads.load("md_forces", "medium")
+    with pytest.raises(TypeError, match=r"cosmo3d\.load: unknown argument\(s\) n_rows"):
+        workloads.load("cosmo3d", "small", n_rows=3)
+    with pytest.raises(ValueError, match=r"describe: unknown workload"):
+        workloads.describe("nope")

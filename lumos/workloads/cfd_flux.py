@@ -29,9 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..metrics import r2_score
 
-from .base import Workload
+from .base import R2_REGRESSION, Workload, fit_defaults, mlp, size_params, split_rows, standardise_table
 
 GAMMA = 1.4
 STATE_NAMES = ["rho_L", "u_L", "p_L", "rho_R", "u_R", "p_R"]
@@ -57,13 +56,35 @@ def rusanov_flux(prim: torch.Tensor) -> torch.Tensor:
     return 0.5 * (flux_l + flux_r) - 0.5 * s_max[:, None] * (state_r - state_l)
 
 
-def load(n_train: int = 20000, n_val: int = 4000, n_test: int = 4000,
-         n_distractors: int = 6, seed: int = 0) -> Workload:
+SIZES = {
+    "small": dict(n_train=1500, n_val=300, n_test=300, n_distractors=6, hidden=(32, 32),
+                  epochs=8, fine_tune_epochs=2, lr=3e-3, batch_size=64),
+    "full": dict(n_train=20000, n_val=4000, n_test=4000, n_distractors=6, hidden=(256, 256, 256),
+                 epochs=20, fine_tune_epochs=5, lr=1e-3, batch_size=256),
+    # what `lumos demo` runs: big enough that compaction pays off on a 4096-row batch, small
+    # enough to take seconds of CPU time (18 s CPU, 13 s wall on 2 idle-ish cores, measured)
+    "demo": dict(n_train=10000, n_val=2000, n_test=4096, n_distractors=6, hidden=(256, 256),
+                 epochs=12, fine_tune_epochs=3, lr=2e-3, batch_size=256),
+}
+
+
+def load(size: str = "full", *, seed: int = 0, **overrides) -> Workload:
     """Build the workload; same arguments give bitwise-identical tensors.
+
+    Args:
+        size: ``"small"`` (1,500 training rows, a 32x32 MLP), ``"demo"`` (10,000 rows,
+            256x256; what ``lumos demo`` runs) or ``"full"`` (20,000 rows, 256x256x256), see
+            :data:`SIZES`.
+        seed: data seed.
+        **overrides: any entry of :data:`SIZES` (``n_train``, ``n_val``, ``n_test``,
+            ``n_distractors``, ``hidden``, ``epochs``, ...).
 
     Shapes: inputs ``(n, 6 + n_distractors)`` float32 (the 6 states first, then
     ``distractor_0..``), targets ``(n, 3)`` float32, both standardised with train statistics.
     """
+    params = size_params(SIZES, size, overrides, "lumos.workloads.cfd_flux.load")
+    n_train, n_val, n_test = params["n_train"], params["n_val"], params["n_test"]
+    n_distractors = params["n_distractors"]
     n_total = n_train + n_val + n_test
     n_features = len(STATE_NAMES) + n_distractors
     gen = torch.Generator().manual_seed(seed)
@@ -73,34 +94,25 @@ def load(n_train: int = 20000, n_val: int = 4000, n_test: int = 4000,
     x = low + (high - low) * torch.rand(n_total, n_features, generator=gen, dtype=torch.float64)
     y = rusanov_flux(x[:, :6])
 
-    x_train, y_train = x[:n_train], y[:n_train]
-    stats = {"x_mean": x_train.mean(0), "x_scale": x_train.std(0),
-             "y_mean": y_train.mean(0), "y_scale": y_train.std(0)}
-    x = ((x - stats["x_mean"]) / stats["x_scale"]).float()
-    y = ((y - stats["y_mean"]) / stats["y_scale"]).float()
-    cuts = [0, n_train, n_train + n_val, n_total]
-    train, val, test = [(x[a:b], y[a:b]) for a, b in zip(cuts, cuts[1:])]
+    x, y, stats = standardise_table(x, y, n_train)
+    train, val, test = split_rows(x, y, n_train, n_val)
 
-    def make_model(hidden=(256, 256, 256), activation=nn.SiLU) -> nn.Sequential:
+    def make_model(hidden=params["hidden"], activation=nn.SiLU) -> nn.Sequential:
         """Dense MLP ``n_features -> hidden... -> 3`` with ``activation`` after each hidden layer."""
-        layers, width = [], n_features
-        for h in hidden:
-            layers += [nn.Linear(width, h), activation()]
-            width = h
-        return nn.Sequential(*layers, nn.Linear(width, len(TARGET_NAMES)))
+        return mlp(n_features, hidden, len(TARGET_NAMES), activation)
 
-    workload = Workload(
+    return Workload(
         name="cfd_flux",
-        description="1D Euler Rusanov-flux surrogate (CFD compute_flux), FC regression",
+        description="1D Euler Rusanov-flux surrogate (CFD compute_flux), FC regression, R2",
         train=train, val=val, test=test,
         feature_names=STATE_NAMES + [f"distractor_{k}" for k in range(n_distractors)],
         informative_features=list(STATE_NAMES),
         target_names=list(TARGET_NAMES),
         make_model=make_model,
-        loss_fn=nn.functional.mse_loss,
-        metric=r2_score,
-        metric_name="R2",
-        fit_defaults=dict(epochs=20, lr=1e-3, batch_size=256),
+        **R2_REGRESSION,
+        fit_defaults=fit_defaults(params),
         stats=stats,
+        size=size,
+        seed=seed,
     )
-    return workload
+

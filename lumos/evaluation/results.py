@@ -1,0 +1,181 @@
+"""Write ``lumos bench`` results: ``results.json`` (every row), ``results.md`` (tables and the
+acceptance check of issue 12), ``results.png`` (metric against kept parameters per workload)."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from .. import workloads
+
+MAX_PARAMS_KEPT = 0.30   # issue 12, acceptance 3
+MAX_RELATIVE_LOSS = 0.01
+
+
+def _pct(value, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _num(value, fmt: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _features(row: dict) -> str:
+    kept = row.get("features_kept")
+    if kept is None:
+        return "n/a"
+    relevant = set(row["relevant_features"] or ())
+    dropped_relevant = sorted(relevant - set(kept))
+    kept_distractors = sorted(set(kept) - relevant)
+    text = f"{len(kept)}"
+    if dropped_relevant:
+        text += f"; lost {', '.join(dropped_relevant)}"
+    if kept_distractors:
+        text += f"; kept {len(kept_distractors)} distractor(s)"
+    return text + (" (exact)" if row.get("features_correct") else "")
+
+
+def method_table(rows: list[dict]) -> list[str]:
+    """Markdown table of the rows of one (workload, seed, target)."""
+    first = rows[0]
+    lines = [f"| method | params kept | FLOPs kept | test {first['metric_name']} | loss vs dense | CPU speedup | "
+             "train time | features kept | peak memory | energy/forward | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+    for r in rows:
+        if r["skipped"]:
+            lines.append(f"| {r['method']} | | | | | | | | | | skipped: {r['skipped']} |")
+            continue
+        memory = "n/a" if r.get("peak_memory_bytes") is None else f"{r['peak_memory_bytes'] / 2**20:.1f} MiB"
+        energy = "n/a" if r.get("energy_j") is None else f"{r['energy_j']:.3g} J"
+        lines.append(
+            f"| {r['method']} | {_pct(r['params_kept'])} | {_pct(r['flops_kept'])} | {_num(r['metric'])} | "
+            f"{_pct(r.get('relative_loss'), 2)} | {_num(r['cpu_speedup'], '.2f')}x | "
+            f"{_num(r['train_time_ratio'], '.2f')}x | {_features(r)} | {memory} | {energy} | {r['note']} |")
+    return lines
+
+
+def acceptance(rows: list[dict]) -> list[dict]:
+    """Issue 12's acceptance 3 and 4 for every lumos row: kept params <= 30%, relative loss <= 1%,
+    metric at least every baseline's, relevant features kept and distractors dropped."""
+    checks = []
+    for r in rows:
+        if r["method"] != "lumos" or r["skipped"]:
+            continue
+        peers = [p for p in rows if (p["workload"], p["seed"], p["target"]) == (r["workload"], r["seed"], r["target"])
+                 and p["method"] not in ("dense", "lumos") and not p["skipped"]]
+        sign = 1 if r["higher_is_better"] else -1
+        beaten_by = [f"{p['method']} {p['metric']:.4g}" for p in peers if sign * (p["metric"] - r["metric"]) > 0]
+        checks.append({
+            "workload": r["workload"], "seed": r["seed"], "target": r["target"],
+            "params_kept": r["params_kept"], "params_ok": r["params_kept"] <= MAX_PARAMS_KEPT,
+            "relative_loss": r["relative_loss"], "loss_ok": r["relative_loss"] <= MAX_RELATIVE_LOSS,
+            "baselines": [p["method"] for p in peers], "beaten_by": beaten_by,
+            "features_ok": r["features_correct"], "features_kept": r["features_kept"],
+        })
+    return checks
+
+
+def _mark(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def to_markdown(results: dict) -> str:
+    """The whole ``results.md``."""
+    rows = results["rows"]
+    m = results["machine"]
+    lines = [f"# lumos bench ({results['size']})", ""]
+    if results.get("note"):
+        lines += [f"**{results['note']}**", ""]
+    lines += [f"Command: `{results['command']}`  ", f"Date: {results['date']}; wall time "
+             f"{results['wall_seconds'] / 60:.1f} min  ",
+             f"Machine: {m['processor']}, {m['platform']}, torch {m['torch']}, {m['threads']} threads", "",
+             f"Protocol: {results['protocol']}", "",
+             "Columns: params/FLOPs kept are fractions of the dense model (FLOPs by "
+             "`torch.utils.flop_counter`, per sample; unstructured masks execute every dense FLOP); "
+             "loss vs dense is the relative change of the test metric (positive: worse); CPU speedup is "
+             "dense latency / method latency (median, batch in each workload's heading); train time is the "
+             "method's training wall time / the dense model's (both its phases); peak memory is weights + "
+             "inputs + the peak the forward allocates (method in results.json); energy comes from a "
+             "hardware counter or is n/a, never estimated.", ""]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["seed"], r["target"]), []).append(r)
+    for (name, seed, target), group in groups.items():
+        batch = next((r.get("latency_batch") for r in group if r.get("latency_batch")), "n/a")
+        threads = next((r.get("threads") for r in group if r.get("threads")), "n/a")
+        lines += [f"## {name}: {workloads.describe(name)}", "",
+                  f"seed {seed}, lumos target {target:.0%} of parameters; latency batch {batch}, "
+                  f"{threads} threads; relevant inputs: {', '.join(group[0]['relevant_features'] or ['n/a'])}", ""]
+        lines += method_table(group) + [""]
+    checks = acceptance(rows)
+    lines += ["## Acceptance check (issue 12: lumos keeps <= 30% of parameters, loses <= 1% vs dense, "
+              "is at least every baseline, keeps exactly the relevant inputs)", "",
+              "| workload | seed | target | params kept <= 30% | loss <= 1% | >= every baseline | exact features |",
+              "|---|---:|---:|---|---|---|---|"]
+    for c in checks:
+        if not c["baselines"]:
+            versus = "n/a (no baseline ran)"
+        elif c["beaten_by"]:
+            versus = f"**no** (below {', '.join(c['beaten_by'])})"
+        else:
+            versus = "yes"
+        lines.append(f"| {c['workload']} | {c['seed']} | {c['target']:.0%} | {_mark(c['params_ok'])} "
+                     f"({_pct(c['params_kept'])}) | {_mark(c['loss_ok'])} ({_pct(c['relative_loss'], 2)}) | "
+                     f"{versus} | {_mark(c['features_ok'])} |")
+    skipped = [r for r in rows if r["skipped"]]
+    if skipped:
+        lines += ["", "## Skipped", ""] + [f"- {r['workload']} / {r['method']}: {r['skipped']}" for r in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str | Path) -> Path:
+    """Metric against kept parameters, one panel per workload, one line per method (through its
+    targets, averaged over seeds); the dense metric as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if not r["skipped"]]
+    names = list(dict.fromkeys(r["workload"] for r in rows))
+    cols = min(3, len(names)) or 1
+    n_rows = (len(names) + cols - 1) // cols or 1
+    fig, axes = plt.subplots(n_rows, cols, figsize=(5 * cols, 4 * n_rows), squeeze=False, constrained_layout=True)
+    for ax, name in zip(axes.flat, names):
+        mine = [r for r in rows if r["workload"] == name]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            points: dict[float, list[tuple[float, float]]] = {}
+            for r in mine:
+                if r["method"] == method:
+                    points.setdefault(r["target"], []).append((r["params_kept"], r["metric"]))
+            xy = sorted((statistics.mean(p[0] for p in v), statistics.mean(p[1] for p in v)) for v in points.values())
+            if method == "dense":
+                ax.axhline(xy[0][1], color="black", ls="--", lw=1)
+                ax.plot([1.0], [xy[0][1]], "ks", label="dense")
+                continue
+            ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=method)
+        ax.set_xlim(0, 1.05)
+        ax.set_xlabel("parameters kept (fraction of dense)")
+        ax.set_ylabel(f"test {mine[0]['metric_name']}" + ("" if mine[0]["higher_is_better"] else " (lower is better)"))
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(results: dict, out_dir: str | Path, log=print) -> list[str]:
+    """Write ``results.json``, ``results.md`` and (with matplotlib) ``results.png``; the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {**results, "acceptance": acceptance(results["rows"])}
+    written = [out / "results.json", out / "results.md"]
+    written[0].write_text(json.dumps({k: v for k, v in results.items() if k != "files"}, indent=2))
+    written[1].write_text(to_markdown(results))
+    try:
+        written.append(plot(results, out / "results.png"))
+    except ImportError as err:
+        log(f"(no results.png: matplotlib is missing: {err}; pip install 'lumos[plot]')")
+    return [str(p) for p in written]
