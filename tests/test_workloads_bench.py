@@ -1,4 +1,5 @@
 """``lumos bench``: rows for every (workload, method), baselines at lumos' size, results files."""
+import importlib.util
 import json
 
 import pytest
@@ -68,8 +69,13 @@ def test_baselines_match_lumos_size_or_say_they_do_not(results):
 def test_a_missing_extra_gives_a_skipped_row_with_the_reason(results):
     data, _ = results
     skipped = [r for r in data["rows"] if r["skipped"]]
-    assert [(r["workload"], r["method"]) for r in skipped] == [("md_forces", "torch_pruning")]
-    assert "pip install 'lumos[pruning]'" in skipped[0]["skipped"] and skipped[0]["metric"] is None
+    # md_forces' Torch-Pruning is made to fail; cfd_flux's fails too where the extra is not installed (CI)
+    expected = [("md_forces", "torch_pruning")]
+    if importlib.util.find_spec("torch_pruning") is None:
+        expected.insert(0, ("cfd_flux", "torch_pruning"))
+    assert [(r["workload"], r["method"]) for r in skipped] == expected
+    for r in skipped:
+        assert "pip install 'lumos[pruning]'" in r["skipped"] and r["metric"] is None
 
 
 def test_results_files(results):
