@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 import lumos
+from lumos.evaluation.baselines import output_layers
 from bench_compaction import measure, n_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -87,20 +88,6 @@ def lumos_result(arch, dense: nn.Module, example: tuple, fresh: tuple) -> dict:
     result["kept_fraction"] = n_params(compacted) / n_params(dense)
     result["compacted"] = compacted
     return result
-
-
-def output_layers(model: nn.Module, inputs: tuple) -> list[nn.Module]:
-    """The Linear / conv layers whose output is the model's output (kept whole by every pruner)."""
-    outputs = {}
-    hooks = [m.register_forward_hook(lambda m, i, o: outputs.__setitem__(id(m), (m, o)))
-             for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    try:
-        with torch.no_grad():
-            y = model(*inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [m for m, o in outputs.values() if o is y]
 
 
 def prune_with_torch_pruning(dense: nn.Module, example: tuple, ratio: float) -> nn.Module:
