@@ -73,50 +73,37 @@ class EncoderBlock(nn.Module):
         return h + self.mlp(self.ln2(h))
 
 
-def sincos_positions(side: int, dim: int) -> torch.Tensor:
-    """``(1, side * side + 1, dim)`` float32 fixed 2-D sine-cosine position embeddings of a
-    ``side x side`` grid of patches in row-major order (``dim / 4`` frequencies ``10000^(-j / (dim /
-    4))`` per axis: ``sin x, cos x, sin y, cos y``), after a zero row for the class token."""
-    if dim % 4:
-        raise ValueError(f"lumos.workloads.vit_fields.sincos_positions: `dim` must be a multiple of 4, got {dim}")
-    omega = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    y, x = torch.meshgrid(*(torch.arange(side, dtype=torch.float64),) * 2, indexing="ij")
-    ay, ax = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
-    grid = torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), grid]).float().unsqueeze(0)
-
-
 class ViT(nn.Module):
-    """Vision transformer: Conv2d patch embedding (kernel = stride = ``patch``), a class token,
-    fixed 2-D sine-cosine position embeddings (a buffer, see :func:`sincos_positions`), pre-LN
-    encoder blocks, a final LayerNorm and a linear head.
+    """Vision transformer without position embeddings: Conv2d patch embedding (kernel = stride =
+    ``patch``), a class token, pre-LN encoder blocks, a final LayerNorm and a linear head.
 
-    Fixed rather than learned positions: the fields live on a periodic domain and the class does
-    not depend on where a structure sits, and a learned table would be ``((S / patch)^2 + 1) * dim``
-    parameters that no gate can remove (at size ``small`` about a fifth of the model, so a 20%
-    budget could only be met by closing every attention head).
+    No position embeddings: the fields are statistically homogeneous on a periodic domain, so the
+    class does not depend on where a patch lies; a learned table would only give the model
+    positions to memorise its few training fields by, and it would be ``((S / patch)^2 + 1) *
+    dim`` parameters that no gate can remove (at size ``small`` about a fifth of the model, so a
+    20% budget could only be met by closing every attention head).
 
-    Shapes: input ``(B, C, S, S)`` with ``S`` divisible by ``patch``, output ``(B, n_classes)``.
+    Shapes: input ``(B, C, S, S)`` with ``S`` a multiple of ``patch`` (any such ``S``), output
+    ``(B, n_classes)``.
     """
 
-    def __init__(self, in_channels: int, size: int, patch: int = 4, dim: int = 64, heads: int = 4,
+    def __init__(self, in_channels: int, patch: int = 4, dim: int = 64, heads: int = 4,
                  depth: int = 2, mlp: int = 128, n_classes: int = 3):
         super().__init__()
         self.embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
         self.cls = nn.Parameter(0.02 * torch.randn(1, 1, dim))
-        self.register_buffer("pos", sincos_positions(size // patch, dim))
         self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, mlp) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x).flatten(2).transpose(1, 2)
-        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1)
         return self.head(self.norm(self.blocks(h))[:, 0])
 
 
 SIZES = {
-    "small": dict(n_train=512, n_val=256, n_test=256, image_size=32, n_distractors=1, patch=4, dim=16, heads=2,
+    "small": dict(n_train=512, n_val=256, n_test=256, image_size=32, n_distractors=1, patch=4, dim=16, heads=4,
                   depth=2, mlp=64, epochs=12, fine_tune_epochs=3, lr=1e-3, batch_size=16),
     "full": dict(n_train=3072, n_val=768, n_test=768, image_size=32, n_distractors=1, patch=4, dim=64, heads=4,
                  depth=2, mlp=128, epochs=20, fine_tune_epochs=5, lr=1e-3, batch_size=64),
@@ -152,7 +139,7 @@ def load(size: str = "full", *, seed: int = 0, **overrides) -> Workload:
 
     def make_model(dim=params["dim"], heads=params["heads"], depth=params["depth"], mlp=params["mlp"]) -> ViT:
         """The dense ViT for these fields."""
-        return ViT(x.shape[1], side, patch, dim, heads, depth, mlp, len(CLASS_NAMES))
+        return ViT(x.shape[1], patch, dim, heads, depth, mlp, len(CLASS_NAMES))
 
     return Workload(
         name="vit_fields",
