@@ -46,6 +46,13 @@ def build_batch_norm(node: fx.Node, record: BatchNormLayer, b: Builder) -> None:
     b.values[node] = value.with_const(value.const + shift)
 
 
+def _take_kept_affine(new: nn.Module, module: nn.Module, kept: torch.Tensor) -> None:
+    """Give ``new`` (built on the meta device) ``module``'s affine weight and bias at ``kept``, if it has them."""
+    if module.affine:
+        new.weight = nn.Parameter(module.weight.detach()[kept].clone())
+        new.bias = nn.Parameter(module.bias.detach()[kept].clone())
+
+
 def build_instance_norm(node: fx.Node, record: InstanceNormLayer, b: Builder) -> None:
     """``nn.InstanceNorm`` with per-sample statistics at the kept channels; a dropped constant
     channel normalises to 0, so it holds the bias (0 without affine parameters)."""
@@ -57,9 +64,7 @@ def build_instance_norm(node: fx.Node, record: InstanceNormLayer, b: Builder) ->
     else:
         new = parametrize.type_before_parametrizations(module)(kept.numel(), eps=module.eps, affine=module.affine,
                                                               device="meta")
-        if module.affine:
-            new.weight = nn.Parameter(module.weight.detach()[kept].clone())
-            new.bias = nn.Parameter(module.bias.detach()[kept].clone())
+        _take_kept_affine(new, module, kept)
         b.env[node] = b.call_module(node.target, new, b.env[x])
     size = b.plan.space_of[node].size
     b.values[node] = Value(as64(module.bias) if module.affine else torch.zeros(size, dtype=torch.float64))
@@ -76,9 +81,7 @@ def build_group_norm(node: fx.Node, record: GroupNormLayer, b: Builder) -> None:
         b.env[node] = b.env[x]
     else:
         new = nn.GroupNorm(kept.numel() // per, kept.numel(), eps=module.eps, affine=module.affine, device="meta")
-        if module.affine:
-            new.weight = nn.Parameter(module.weight.detach()[kept].clone())
-            new.bias = nn.Parameter(module.bias.detach()[kept].clone())
+        _take_kept_affine(new, module, kept)
         b.env[node] = b.call_module(node.target, new, b.env[x])
     weight = as64(module.weight) if module.affine else None
     bias = as64(module.bias) if module.affine else None
