@@ -28,6 +28,8 @@ from .gates import HardConcreteGate, gates_of
 from .nn import FeatureGate
 
 COSTS = ("count", "params", "flops")
+# The widths' dense (units x layers) form is used up to this many entries (32 MB in float64).
+LINEAR_WIDTHS_MAX_ENTRIES = 1 << 22
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, CostModel]" = weakref.WeakKeyDictionary()
 
 
@@ -127,12 +129,27 @@ class CostModel:
         self._t_low, self._t_up = per_unit(lambda g: g.t_l), per_unit(lambda g: g.t_u)
         self._kept_above = per_unit(kept_threshold)
         self._moved: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._linear_widths = self._single_producer and not self._has_in_gates \
+            and self.n_units * self.n_layers <= LINEAR_WIDTHS_MAX_ENTRIES
+        if self._linear_widths:
+            self._width_out, self._width_out_fixed = self._width_matrix(self._out_group, self._out_layer)
+            self._width_in, self._width_in_fixed = self._width_matrix(self._in_group, self._in_layer)
 
         with torch.no_grad():
             every_group, every_unit = torch.ones(self.n_groups, dtype=torch.float64), torch.ones(self.n_units, dtype=torch.float64)
             self.dense = {kind: float(self._cost(every_group, every_unit, kind)) for kind in ("params", "flops")}
             self.minimum = {kind: float(self.actual_tensor(kind, every_unit < 0)) for kind in COSTS}
         self.dense["count"] = float(self.n_units)
+
+    def _width_matrix(self, groups: torch.Tensor, layers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, c)``, ``(n_units, n_layers)`` and ``(n_layers,)`` float64: with each group made by
+        at most one unit and no layer input gates, a layer's expected width (over these
+        ``groups`` / ``layers`` entries) is ``p @ A + c``: ``A`` counts the channels each unit
+        makes, ``c`` those no gate controls."""
+        unit = torch.cat([self._producer, self._producer.new_tensor([self.n_units + 1])])[groups]
+        counts = torch.zeros(self.n_units + 2, self.n_layers, dtype=torch.float64)
+        counts.index_put_((unit, layers), torch.ones(len(unit), dtype=torch.float64), accumulate=True)
+        return counts[:self.n_units].clone(), counts[self.n_units + 1].clone()
 
     @staticmethod
     def _batch(gated, example_inputs) -> int:
@@ -157,6 +174,18 @@ class CostModel:
         probability each channel group is alive) and ``p_unit`` ``(..., n_units)`` (each gate
         unit's probability of being open, for a layer's own input gate); shape ``(...)``, in
         ``q``'s dtype. Leading dimensions are evaluated together (one pass for several models)."""
+        return self._cost_of_widths(*self._widths(q, p_unit), kind)
+
+    def _widths_of_p(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E[in], E[out])`` from every unit's ``p`` ``(..., n_units)``: two matrix products when
+        the widths are linear in ``p`` (:meth:`_width_matrix`), else through ``q`` (:meth:`_widths`)."""
+        if not self._linear_widths:
+            return self._widths(self._q_expected(p), p)
+        return (p @ self._on("_width_in", p) + self._on("_width_in_fixed", p),
+                p @ self._on("_width_out", p) + self._on("_width_out_fixed", p))
+
+    def _widths(self, q: torch.Tensor, p_unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E[in], E[out])``, each ``(..., n_layers)``: every layer's expected input and output width."""
         one = q.new_ones((*q.shape[:-1], 1))
         q_ext = torch.cat([q, one], -1)  # index n_groups: an input channel no group tracks
         zeros = q.new_zeros((*q.shape[:-1], self.n_layers))
@@ -165,10 +194,44 @@ class CostModel:
         if self._has_in_gates:
             in_alive = in_alive * torch.cat([p_unit, one], -1)[..., self._on("_in_unit", q)]
         e_in = zeros.index_add(-1, self._on("_in_layer", q), in_alive)
+        return e_in, e_out
+
+    def _cost_of_widths(self, e_in: torch.Tensor, e_out: torch.Tensor, kind: str) -> torch.Tensor:
         pairs = e_in * e_out
         if kind == "params":
-            return pairs @ self._on("_weight_per_pair", q) + e_out @ self._on("_bias", q) + self.fixed_params
-        return pairs @ self._on("_flops_per_pair", q)
+            return pairs @ self._on("_weight_per_pair", e_in) + e_out @ self._on("_bias", e_in) + self.fixed_params
+        return pairs @ self._on("_flops_per_pair", e_in)
+
+    def _grad_p(self, p: torch.Tensor, e_in: torch.Tensor, e_out: torch.Tensor, kind: str) -> torch.Tensor:
+        """``(n_units,)`` d cost / d p_open of one model (``p`` ``(n_units,)`` and the widths from
+        :meth:`_widths_of_p`), in closed form: the cost is ``sum_l w_l E[in]_l E[out]_l
+        (+ b_l E[out]_l)`` and each width sums ``q`` (times a layer's own input gate)."""
+        per_pair = self._on("_weight_per_pair" if kind == "params" else "_flops_per_pair", p)
+        d_out = per_pair * e_in + (self._on("_bias", p) if kind == "params" else 0.0)  # d cost / d E[out]
+        if self._linear_widths:
+            return self._on("_width_out", p) @ d_out + self._on("_width_in", p) @ (per_pair * e_out)
+        q = self._q_expected(p)
+        d_in = (per_pair * e_out)[self._on("_in_layer", p)]  # d cost / d in_alive, per input entry
+        d_q = p.new_zeros(self.n_groups + 1).index_add_(0, self._on("_out_group", p), d_out[self._on("_out_layer", p)])
+        d_p = p.new_zeros(self.n_units + 2)  # n_units: no producer, n_units + 1: certain (their p is fixed)
+        if self._has_in_gates:
+            q_ext, p_ext = torch.cat([q, p.new_ones(1)]), torch.cat([p, p.new_ones(1)])
+            in_unit = self._on("_in_unit", p)
+            d_q.index_add_(0, self._on("_in_group", p), d_in * p_ext[in_unit])
+            d_p.index_add_(0, in_unit, d_in * q_ext[self._on("_in_group", p)])
+        else:
+            d_q.index_add_(0, self._on("_in_group", p), d_in)
+        d_q = d_q[:-1]
+        if self._single_producer:
+            d_p.index_add_(0, self._on("_producer", p), d_q)
+            return d_p[:self.n_units]
+        # q = 1 - prod (1 - p) over a group's producers: dq/dp_u = prod over the others = (1 - q) / (1 - p_u)
+        kept = p <= 1 - 1e-6  # where _q_expected's clamp let p through
+        one_minus_q = torch.where(self._on("_certain", p), 0.0, 1.0 - q)
+        prod_unit = self._on("_prod_unit", p)
+        through = (d_q * one_minus_q)[self._on("_prod_group", p)] / (1.0 - p.clamp(max=1 - 1e-6))[prod_unit]
+        d_p.index_add_(0, prod_unit, through * kept[prod_unit])
+        return d_p[:self.n_units]
 
     def _flat_log_alpha(self) -> torch.Tensor:
         logits = [g.log_alpha for g in self.gates]
@@ -229,15 +292,15 @@ class CostModel:
         """Differentiable expected cost under the gates' ``p_open``, in the gates' dtype."""
         return self._expected(self.p_open(), kind)
 
-    def expected_and_soft_kept(self, kind: str, temperature: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    def expected_and_soft_kept(self, kind: str, temperature: float = 0.5,
+                               normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(expected(kind), soft_kept(kind, temperature))`` from one vectorised evaluation (the
-        two unit vectors stacked, one flat copy of the logits): what a training step needs.
-        The second is detached and in the gates' dtype (``soft_kept`` alone is float64)."""
-        log_alpha = self._flat_log_alpha()
-        with torch.no_grad():
-            soft = torch.sigmoid((log_alpha - self._on("_kept_above", log_alpha)) / temperature)
-        both = self._expected(torch.stack([torch.sigmoid(log_alpha - self._on("_shift", log_alpha)), soft]), kind)
-        return both[0], both[1].detach()
+        two unit vectors stacked, one flat copy of the logits) and one backward node with the
+        closed-form gradient (:class:`_ExpectedCost`): what a training step needs. The second is
+        detached and in the gates' dtype (``soft_kept`` alone is float64). ``normalize``: both
+        as fractions of the dense model's cost."""
+        scale = 1.0 / self.dense[kind] if normalize else 1.0
+        return _ExpectedCost.apply(self, kind, temperature, scale, *[g.log_alpha for g in self.gates])
 
     @torch.no_grad()
     def actual_tensor(self, kind: str, kept_units: torch.Tensor) -> torch.Tensor:
@@ -252,6 +315,41 @@ class CostModel:
     def actual(self, kind: str) -> float:
         """Cost with the eval masks (what compaction keeps, before downstream-liveness pruning)."""
         return float(self.actual_tensor(kind, self.kept_units()))
+
+
+class _ExpectedCost(torch.autograd.Function):
+    """The training step's cost evaluation: ``(expected, soft_kept)`` of a :class:`CostModel`
+    computed without recording a graph, and the expected cost's gradient in closed form
+    (:meth:`CostModel._grad_p`, then ``dp/dlog_alpha = p (1 - p)``). The evaluation is a few
+    dozen tensor ops on small vectors; autograd's graph of them cost more than the ops."""
+
+    @staticmethod
+    def forward(ctx, costs, kind, temperature, scale, *logits):
+        ctx.set_materialize_grads(False)
+        log_alpha = torch.cat(logits) if len(logits) > 1 else logits[0]
+        p = torch.sigmoid(log_alpha - costs._on("_shift", log_alpha))
+        soft = torch.sigmoid((log_alpha - costs._on("_kept_above", log_alpha)) / temperature)
+        if kind == "count":
+            expected, kept = p.sum(), soft.sum()
+            ctx.save_for_backward(p)
+        else:
+            e_in, e_out = costs._widths_of_p(torch.stack([p, soft]))
+            expected, kept = costs._cost_of_widths(e_in, e_out, kind).unbind()
+            ctx.save_for_backward(p, e_in[0], e_out[0])
+        ctx.costs, ctx.kind, ctx.sizes, ctx.scale = costs, kind, [t.numel() for t in logits], scale
+        ctx.mark_non_differentiable(kept)
+        if scale != 1.0:
+            expected, kept = expected * scale, kept * scale
+        return expected, kept
+
+    @staticmethod
+    def backward(ctx, grad_expected, _grad_kept):
+        if grad_expected is None:
+            return (None,) * (4 + len(ctx.sizes))
+        p, *widths = ctx.saved_tensors
+        d_p = torch.ones_like(p) if ctx.kind == "count" else ctx.costs._grad_p(p, *widths, ctx.kind)
+        grad = d_p.mul_(grad_expected * ctx.scale).mul_(p * (1 - p))
+        return (None, None, None, None, *grad.split(ctx.sizes))
 
 
 def kept_threshold(gate: HardConcreteGate) -> float:

@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from lumos_kernels import hard_concrete
+from lumos_kernels import dispatch, gate_uniform_rows, hard_concrete_parts
 from lumos_kernels.hard_concrete import (BETA, GAMMA, T_LOW, T_UP, ZETA, as_int64, check_gate_params, p_open,
                                          splitmix64)
 
@@ -19,6 +19,11 @@ LOG_ALPHA_MAX = math.log(1e2)
 # The penalty walks a gate into the stochastic band only after the network has trained densely
 # for a while (README, "The gates", has the experiment that chose this).
 INIT_DROP_RATE = 0.1
+# On the torch backend a sampler makes the uniforms of up to NOISE_TABLE_STEPS training steps in
+# one pass (at most NOISE_TABLE_NUMBERS numbers): a step's dozen integer ops on a few thousand
+# gates cost their dispatch, not their arithmetic.
+NOISE_TABLE_STEPS = 64
+NOISE_TABLE_NUMBERS = 1 << 18
 
 
 def noise_key(seed: int, step: int) -> int:
@@ -40,9 +45,11 @@ class GateSampler:
     optimiser step). The state to checkpoint is :meth:`state_dict` (``seed`` and ``step``).
 
     While a :class:`lumos.GatedModel` runs ``forward``, ``current`` holds that call's masks of
-    every gate, drawn in one :func:`lumos_kernels.hard_concrete` call per set of shared gate
-    hyper-parameters; outside a forward it is None and a gate draws its own mask (the same
-    numbers).
+    every gate (by gate index), drawn in one :func:`lumos_kernels.hard_concrete_parts` call per
+    set of shared gate hyper-parameters; outside a forward it is None and a gate draws its own
+    mask (the same numbers). On the torch backend the uniforms of the next steps are made
+    together (:data:`NOISE_TABLE_STEPS`) with :func:`lumos_kernels.gate_uniform_rows`: the same
+    numbers, fewer tensor ops per step.
 
     Args:
         seed: any int (default 0).
@@ -52,7 +59,8 @@ class GateSampler:
     def __init__(self, seed: int = 0, gates: Iterable["HardConcreteGate"] = ()):
         self.gates: list[HardConcreteGate] = []
         self._plan: list[tuple[tuple, list[int]]] | None = None  # (hyper-parameters, gate indices)
-        self.current: dict[int, torch.Tensor] | None = None
+        self.current: list[torch.Tensor] | None = None
+        self._table: tuple[int, int, torch.Tensor] | None = None  # (seed, first step, uniforms per step)
         self.seed, self.step = int(seed), 0
         self._key = torch.tensor(0, dtype=torch.int64)
         self.reseed(seed)
@@ -89,7 +97,7 @@ class GateSampler:
         offset = sum(g.n for g in self.gates)
         gate._sampler, gate._index, gate.offset = self, len(self.gates), offset
         self.gates.append(gate)
-        self._plan = None
+        self._plan, self._table = None, None
 
     def invalidate(self) -> None:
         """Forget the grouping of gates into sampling calls (a gate's ``noise_range`` changed)."""
@@ -107,26 +115,56 @@ class GateSampler:
             self._plan = plan
         return self._plan
 
-    def _draw_groups(self, training: bool):
-        """``(gate indices, their masks in one flat tensor)`` per sampling call."""
-        key = self._key if training else 0
-        for (t_l, t_u, beta, gamma, zeta, noise_range), members in self._groups():
-            gates = [self.gates[i] for i in members]
-            flat = torch.cat([g.log_alpha for g in gates]) if len(gates) > 1 else gates[0].log_alpha
-            yield members, hard_concrete(flat, seed=key, offset=gates[0].offset, training=training, t_l=t_l,
-                                         t_u=t_u, beta=beta, gamma=gamma, zeta=zeta, noise_range=noise_range)
+    def _uniforms(self, training: bool) -> torch.Tensor | None:
+        """This step's uniforms of every gate (in offset order) from the table of the next
+        steps, when the torch backend samples; else None (the Triton kernel makes its own)."""
+        first = self.gates[0].log_alpha
+        if not training or torch.compiler.is_compiling() or dispatch.backend_for("hard_concrete", first) != "torch":
+            return None
+        table = self._table
+        if table is None or table[0] != self.seed or not 0 <= self.step - table[1] < len(table[2]) \
+                or table[2].device != first.device:
+            total = sum(g.n for g in self.gates)
+            steps = max(1, min(NOISE_TABLE_STEPS, NOISE_TABLE_NUMBERS // total))
+            start = self.step - self.step % steps
+            keys = torch.tensor([as_int64(noise_key(self.seed, step)) for step in range(start, start + steps)],
+                                dtype=torch.int64, device=first.device)
+            table = self._table = (self.seed, start, gate_uniform_rows(keys, 0, total))
+        return table[2][self.step - table[1]]
 
-    def draw(self, training: bool) -> dict[int, torch.Tensor]:
+    def draw(self, training: bool) -> list[torch.Tensor]:
         """Every bound gate's mask for this step (training) or its eval mask, by gate index."""
-        masks: dict[int, torch.Tensor] = {}
-        for members, flat in self._draw_groups(training):
-            masks.update(zip(members, flat.split([self.gates[i].n for i in members])))
+        masks: list[torch.Tensor | None] = [None] * len(self.gates)
+        uniforms = self._uniforms(training)
+        for hyper, members in self._groups():
+            for index, mask in zip(members, self._draw_group(hyper, members, training, uniforms)):
+                masks[index] = mask
         return masks
 
+    def mask_of(self, gate: "HardConcreteGate", training: bool) -> torch.Tensor:
+        """``gate``'s mask drawn outside a model's forward (activation checkpointing recomputes a
+        layer after it): its group sampled as :meth:`draw` samples it, so the numbers are the
+        same bit for bit (a vector sampled alone may round an ulp apart)."""
+        for hyper, members in self._groups():
+            if gate._index in members:
+                drawn = self._draw_group(hyper, members, training, self._uniforms(training))
+                return drawn[members.index(gate._index)]
+        raise ValueError("GateSampler.mask_of: the gate is not bound to this sampler")
+
+    def _draw_group(self, hyper: tuple, members: list[int], training: bool,
+                    uniforms: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        t_l, t_u, beta, gamma, zeta, noise_range = hyper
+        gates = [self.gates[i] for i in members]
+        start = gates[0].offset
+        uniform = None if uniforms is None else uniforms[start:start + sum(g.n for g in gates)]
+        return hard_concrete_parts([g.log_alpha for g in gates], seed=self._key if training else 0, offset=start,
+                                   training=training, t_l=t_l, t_u=t_u, beta=beta, gamma=gamma, zeta=zeta,
+                                   noise_range=noise_range, uniform=uniform)
+
     def flat_masks(self, training: bool) -> torch.Tensor:
-        """Every bound gate's mask concatenated in binding order (one call per group)."""
-        flats = [flat for _, flat in self._draw_groups(training)]
-        return torch.cat(flats) if len(flats) > 1 else flats[0]
+        """Every bound gate's mask concatenated in binding order."""
+        masks = self.draw(training)
+        return torch.cat(masks) if len(masks) > 1 else masks[0]
 
 
 class HardConcreteGate(nn.Module):
@@ -210,15 +248,14 @@ class HardConcreteGate(nn.Module):
         return (self.t_l, self.t_u, self.beta, self.gamma, self.zeta, self._noise_range)
 
     def _sample(self, training: bool) -> torch.Tensor:
-        return hard_concrete(self.log_alpha, seed=self._sampler.key if training else 0, offset=self.offset,
-                             training=training, t_l=self.t_l, t_u=self.t_u, beta=self.beta,
-                             gamma=self.gamma, zeta=self.zeta, noise_range=self._noise_range)
+        return self._sampler.mask_of(self, training)
 
     def forward(self) -> torch.Tensor:
         """The mask: this step's sample in training mode, :meth:`eval_mask` in eval mode.
 
         Inside a :class:`lumos.GatedModel`'s forward the mask comes from the model's one
-        sampling call; otherwise it is drawn here, with the same numbers.
+        sampling call; otherwise it is drawn here, with the same numbers
+        (:meth:`GateSampler.mask_of`).
         """
         current = self._sampler.current
         if current is not None:

@@ -4,7 +4,8 @@ Each op lives in its own module (reference, custom op, autograd); its Triton ker
 the private ``lumos_kernels._triton`` module of the same name, imported on the first Triton
 launch. :mod:`lumos_kernels.dispatch` says how every op picks its backend.
 """
-from .hard_concrete import gate_uniform, hard_concrete, hard_concrete_reference, log_alpha_bounds, p_open
+from .hard_concrete import (gate_uniform, gate_uniform_rows, hard_concrete, hard_concrete_parts, hard_concrete_reference,
+                            log_alpha_bounds, p_open)
 from .masked_gemm import fp32_input_precision, masked_linear, masked_linear_reference
 from .message_passing import CSR, masked_message_passing, masked_message_passing_reference, to_csr
 
@@ -12,7 +13,9 @@ __all__ = [
     "CSR",
     "fp32_input_precision",
     "gate_uniform",
+    "gate_uniform_rows",
     "hard_concrete",
+    "hard_concrete_parts",
     "hard_concrete_reference",
     "log_alpha_bounds",
     "masked_linear",

@@ -22,9 +22,13 @@ the safe direction. Every backend therefore forces the same gates, bit for bit.
 Backends (:mod:`lumos_kernels.dispatch`):
 
 - torch (CPU tensors): the formulas above in plain torch, computed without recording a
-  graph, with the Triton op's closed-form backward (below) as one autograd node: about 40
-  small tensor ops per call whatever the number of gates. :func:`hard_concrete_reference`
-  is the same formulas differentiated by autograd (the oracle of both backends);
+  graph, with the Triton op's closed-form backward (below) as one autograd node: about 25
+  small tensor ops per call whatever the number of gates (a few dozen more when it makes its
+  own uniforms; :func:`hard_concrete_parts` takes them from a caller that made many steps'
+  at once with :func:`gate_uniform_rows`). :func:`hard_concrete_reference` is the same
+  formulas differentiated by autograd (the oracle of both backends). Elementwise CPU kernels
+  may round an element an ulp differently depending on where it falls in a vector, so a
+  model's gates are always sampled as the same concatenation (:class:`lumos.gates.GateSampler`);
 - Triton (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``): the custom op
   ``torch.ops.lumos.hard_concrete``; one launch samples every gate of a flat buffer (layers
   keep views into it) and fuses ``sum p_open``, accumulated in fp32 (fp64 for fp64 logits)
@@ -41,7 +45,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Tuple
+import struct
+from typing import Sequence, Tuple
 
 import torch
 
@@ -106,12 +111,35 @@ def gate_uniform(key: int | torch.Tensor, offset: int, n: int, device: torch.dev
     return _gate_uniform(key, offset, n, device)
 
 
-def _gate_uniform(key, offset, n, device):
+def _counters(offset: int, n: int, device) -> torch.Tensor:
+    """``(offset + i + 1) * GOLDEN_GAMMA`` for ``i < n`` (int64, wrapping): SplitMix64's states before the key."""
     z = torch.arange(n, dtype=torch.int64, device=device)
-    z = z.mul_(as_int64(GOLDEN_GAMMA)).add_(as_int64((int(offset) + 1) * GOLDEN_GAMMA)).add_(key)
+    return z.mul_(as_int64(GOLDEN_GAMMA)).add_(as_int64((int(offset) + 1) * GOLDEN_GAMMA))
+
+
+def _mix_to_uniform(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's multiply-xorshift of the states ``z`` (int64, any shape), top 24 bits as float32 in [0, 1)."""
     for multiplier, shift in zip(MIX_MULTIPLIERS, MIX_SHIFTS):
         z = (z ^ _shift_right(z, shift)).mul_(as_int64(multiplier))
     return _shift_right(z, 64 - UNIFORM_BITS).to(torch.float32).mul_(2.0 ** -UNIFORM_BITS)
+
+
+def _gate_uniform(key, offset, n, device):
+    return _mix_to_uniform(_counters(offset, n, device).add_(key))
+
+
+def gate_uniform_rows(keys: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+    """``(len(keys), n)`` uniforms whose row ``s`` is ``gate_uniform(keys[s], offset, n)``, bit for bit
+    (integer arithmetic): the noise of many training steps in one pass.
+
+    Args:
+        keys: ``(S,)`` int64 keys (e.g. :func:`lumos.gates.noise_key` of consecutive steps), on
+            the device the uniforms are wanted on.
+        offset, n: as :func:`gate_uniform`.
+    """
+    if keys.dim() != 1 or keys.dtype != torch.int64:
+        raise ValueError(f"gate_uniform_rows: `keys` must be a 1-D int64 tensor, got {keys.dtype} {tuple(keys.shape)}")
+    return _mix_to_uniform(_counters(offset, n, keys.device)[None, :] + keys[:, None])
 
 
 @torch.library.custom_op("lumos::gate_uniform", mutates_args=())
@@ -147,12 +175,32 @@ def _compute_dtype(log_alpha: torch.Tensor) -> torch.dtype:
 
 
 def _nearest_on_side(value: float, dtype: torch.dtype, above: bool) -> float:
-    """The ``dtype`` number nearest ``value`` that is strictly above it (``above``), or at or below it."""
-    rounded = torch.tensor(value, dtype=torch.float64).to(dtype)
-    wrong_side = rounded.item() <= value if above else rounded.item() > value
-    if wrong_side:
-        rounded = torch.nextafter(rounded, torch.tensor(math.inf if above else -math.inf, dtype=dtype))
-    return rounded.item()
+    """The ``dtype`` (float32 or float64) number nearest ``value`` that is strictly above it
+    (``above``), or at or below it. Plain Python (no tensor is read back), so that
+    ``torch.compile`` traces the sampling without a graph break."""
+    single = dtype != torch.float64
+    rounded = _to_float32(value) if single else value
+    if rounded <= value if above else rounded > value:
+        rounded = _next_float32(rounded, above) if single else math.nextafter(rounded, math.inf if above else -math.inf)
+    return rounded
+
+
+def _to_float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (ties to even), as a Python float."""
+    if math.isinf(value) or math.isnan(value):
+        return value
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def _next_float32(value: float, up: bool) -> float:
+    """The float32 after ``value`` (itself a float32) towards +inf (``up``) or -inf."""
+    if math.isnan(value) or value == (math.inf if up else -math.inf):
+        return value
+    if value == 0.0:
+        return math.copysign(struct.unpack("<f", struct.pack("<I", 1))[0], 1.0 if up else -1.0)
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    bits += 1 if (value > 0) == up else -1  # away from zero when moving outwards
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 @functools.lru_cache(maxsize=64)
@@ -177,55 +225,102 @@ def log_alpha_bounds(t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA, 
     return closed_max, open_min
 
 
-def _gate_values(work, key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range):
-    """``(z, forced_open, forced)`` of the module docstring's formulas for compute-dtype logits
-    ``work`` (differentiable in ``work`` where autograd records)."""
-    if training:
+def _gate_z(work, key, offset, training, beta, gamma, zeta, noise_range, uniform=None):
+    """``z`` of the module docstring's formulas for compute-dtype logits ``work`` (differentiable
+    in ``work`` where autograd records); ``uniform``: the uniforms of these gates when the caller
+    already has them (bit-identical to what ``(key, offset)`` gives)."""
+    if not training:
+        s = torch.sigmoid(work)
+    else:
         with torch.no_grad():  # the noise: logit(u), clamped as the kernel clamps u
-            u = gate_uniform(key, offset, work.numel(), work.device).to(work.dtype).view(work.shape)
+            if uniform is None:
+                uniform = gate_uniform(key, offset, work.numel(), work.device)
+            u = _as_part(uniform, work.shape, work.dtype)
             if noise_range:
-                u = u.mul_(1.0 - 2.0 * noise_range).add_(noise_range)
+                u = u.mul(1.0 - 2.0 * noise_range).add_(noise_range)
             noise = torch.logit(u, eps=U_EPS)
         s = torch.sigmoid((work + noise) * (1.0 / beta))
-    else:
-        s = torch.sigmoid(work)
-    z = (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+    return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+
+
+def _forced(work, t_l, t_u, beta, gamma, zeta):
+    """``(forced_open, forced_closed)``: the gates the thresholds set to 1 and to 0 (bool)."""
     closed_max, open_min = log_alpha_bounds(t_l, t_u, beta, gamma, zeta, work.dtype)
-    with torch.no_grad():
-        forced_open = work >= open_min  # open_min NaN (t_u = 1): never
-        forced = forced_open | (work <= closed_max)
-    return z, forced_open, forced
+    return work >= open_min, work <= closed_max  # open_min NaN (t_u = 1): never open
+
+
+def _thresholded(z, forced_open, forced_closed):
+    """The mask: ``z`` with the forced gates set to 1 or 0 (a new tensor)."""
+    return z.masked_fill(forced_closed, 0.0).masked_fill_(forced_open, 1.0)
 
 
 def _compute_input(log_alpha: torch.Tensor) -> torch.Tensor:
     # contiguous: CPU kernels may round a strided layout differently, and masks must not depend on it
+    if log_alpha.dtype == _compute_dtype(log_alpha) and log_alpha.is_contiguous():
+        return log_alpha  # the usual fp32 logits: no op to dispatch
     return log_alpha.to(_compute_dtype(log_alpha)).contiguous()
 
 
 class _HardConcreteTorch(torch.autograd.Function):
-    """The torch backend: ``(m, dm, p_open_sum)`` computed without recording a graph, as the
-    Triton kernel computes them, and the Triton op's one backward (:func:`_hard_concrete_backward`):
-    a sampling call is a few dozen tensor ops on small vectors, whose cost is their dispatch, so
-    one closed-form backward node replaces autograd's dozen. The mask is a new tensor that no
-    backward reads: safe to modify in place."""
+    """The torch backend for the gates of one or several logit tensors, sampled as their
+    concatenation: ``(*masks, dm, p_open_sum)`` computed without recording a graph, as the
+    Triton kernel computes them, and the closed-form backward of the Triton op
+    (:func:`_hard_concrete_backward`): a sampling call is a few dozen tensor ops on small
+    vectors, whose cost is their dispatch, so one backward node replaces autograd's dozen (and
+    the concatenation's and split's). A single tensor's mask is a new tensor that no backward
+    reads: safe to modify in place; several tensors' masks are views of one."""
 
     @staticmethod
-    def forward(ctx, log_alpha, key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range, with_sum):
-        work = _compute_input(log_alpha)
-        z, forced_open, forced = _gate_values(work, key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range)
-        live = ~forced & (z > 0) & (z < 1)
-        slope = (z - gamma).mul_(zeta - z).mul_(1.0 / ((zeta - gamma) * (beta if training else 1.0)))
+    def forward(ctx, key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range, with_sum, uniform,
+                *log_alphas):
+        if not torch.compiler.is_compiling():  # unused outputs (dm, the sum) get no zero tensors in backward
+            ctx.set_materialize_grads(False)
+        flat = log_alphas[0] if len(log_alphas) == 1 else torch.cat([_as_part(la, (la.numel(),), la.dtype)
+                                                                      for la in log_alphas])
+        work = _compute_input(flat)
+        z = _gate_z(work, key, offset, training, beta, gamma, zeta, noise_range, uniform)
+        m = _thresholded(z, *_forced(work, t_l, t_u, beta, gamma, zeta))
+        live = (m > 0) & (m < 1)  # inside the band and not clamped: where m = z has a slope
+        slope = (m - gamma).mul_(zeta - m).mul_(1.0 / ((zeta - gamma) * (beta if training else 1.0)))
         dm = torch.where(live, slope, 0.0)
-        m = torch.where(forced, forced_open.to(work.dtype), z).to(log_alpha.dtype)
         total = p_open(work, beta, gamma, zeta).sum() if with_sum else work.new_zeros(())
-        ctx.save_for_backward(log_alpha, dm)
+        ctx.save_for_backward(work, dm)
         ctx.mark_non_differentiable(dm)
         ctx.distribution = (beta, gamma, zeta)
-        return m, dm, total
+        ctx.parts = [(la.shape, la.numel(), la.dtype) for la in log_alphas]
+        if len(log_alphas) == 1:
+            masks = (m.to(flat.dtype),)
+        else:
+            masks = tuple(_as_part(part, shape, dtype) for part, (shape, _, dtype)
+                          in zip(m.split([n for _, n, _ in ctx.parts]), ctx.parts))
+        return (*masks, dm, total)
 
     @staticmethod
-    def backward(ctx, grad_m, grad_dm, grad_sum):
-        return (*_hard_concrete_backward(ctx, grad_m, grad_dm, grad_sum), None)
+    def backward(ctx, *grads):
+        work, dm = ctx.saved_tensors
+        grad_masks, grad_sum = grads[:-2], grads[-1]
+        if all(g is None for g in grad_masks) and grad_sum is None:
+            return (None,) * (11 + len(ctx.parts))
+        if len(grad_masks) == 1:
+            grad_m = grad_masks[0]
+        else:
+            grad_m = torch.cat([_as_part(g, (n,), dm.dtype) if g is not None else dm.new_zeros(n)
+                                for g, (_, n, _) in zip(grad_masks, ctx.parts)])
+        grad = _hard_concrete_backward_flat(work, dm, grad_m, grad_sum, ctx.distribution)
+        if len(ctx.parts) == 1:
+            parts = (grad.to(ctx.parts[0][2]),)
+        else:
+            parts = tuple(_as_part(g, shape, dtype) for g, (shape, _, dtype)
+                          in zip(grad.split([n for _, n, _ in ctx.parts]), ctx.parts))
+        return (None,) * 11 + parts
+
+
+def _as_part(flat: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D piece of a flat buffer in the shape and dtype of its part (itself when they match:
+    the common case of 1-D gates, where a view and a cast per gate would cost more than the math)."""
+    if flat.shape != shape:
+        flat = flat.reshape(shape)
+    return flat if flat.dtype == dtype else flat.to(dtype)
 
 
 def hard_concrete_reference(log_alpha, seed, offset, training, t_l=T_LOW, t_u=T_UP,
@@ -235,9 +330,10 @@ def hard_concrete_reference(log_alpha, seed, offset, training, t_l=T_LOW, t_u=T_
     closed-form derivative."""
     key = seed if isinstance(seed, torch.Tensor) else as_int64(seed)
     work = _compute_input(log_alpha)
-    z, forced_open, forced = _gate_values(work, key, int(offset), bool(training), float(t_l), float(t_u),
-                                          float(beta), float(gamma), float(zeta), float(noise_range))
-    return torch.where(forced, forced_open.to(work.dtype), z).to(log_alpha.dtype)
+    z = _gate_z(work, key, int(offset), bool(training), float(beta), float(gamma), float(zeta), float(noise_range))
+    with torch.no_grad():
+        forced = _forced(work, float(t_l), float(t_u), float(beta), float(gamma), float(zeta))
+    return _thresholded(z, *forced).to(log_alpha.dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -271,13 +367,18 @@ def _hard_concrete_setup_context(ctx, inputs, output):
     ctx.distribution = (beta, gamma, zeta)
 
 
-def _hard_concrete_backward(ctx, grad_m, _grad_dm, grad_sum):
-    """``grad_m * dm/dlog_alpha + grad_sum * p_open (1 - p_open)``, in the compute dtype."""
-    log_alpha, dm = ctx.saved_tensors
+def _hard_concrete_backward_flat(log_alpha, dm, grad_m, grad_sum, distribution):
+    """``grad_m * dm/dlog_alpha + grad_sum * p_open (1 - p_open)``, in the compute dtype of ``dm``."""
     grad = grad_m.to(dm.dtype) * dm if grad_m is not None else torch.zeros_like(dm)
     if grad_sum is not None:
-        pi = p_open(log_alpha.to(dm.dtype), *ctx.distribution)
+        pi = p_open(log_alpha.to(dm.dtype), *distribution)
         grad = grad + grad_sum.to(dm.dtype) * pi * (1 - pi)
+    return grad
+
+
+def _hard_concrete_backward(ctx, grad_m, _grad_dm, grad_sum):
+    log_alpha, dm = ctx.saved_tensors
+    grad = _hard_concrete_backward_flat(log_alpha, dm, grad_m, grad_sum, ctx.distribution)
     return (grad.to(log_alpha.dtype),) + (None,) * 9
 
 
@@ -333,20 +434,70 @@ def hard_concrete(log_alpha: torch.Tensor, seed: int | torch.Tensor, offset: int
         that precision, differentiable in ``log_alpha``.
     """
     op = "hard_concrete"
-    if not isinstance(log_alpha, torch.Tensor):
-        raise TypeError(f"{op}: `log_alpha` must be a tensor, got {type(log_alpha).__name__}")
-    dispatch.check_float(op, "log_alpha", log_alpha)
+    args = _checked_args(op, [log_alpha], seed, training, t_l, t_u, beta, gamma, zeta, noise_range)
+    if dispatch.backend_for(op, log_alpha) == "triton":
+        m, _, p_open_sum = _hard_concrete_op(log_alpha, _seed_tensor(seed), as_int64(offset), *args)
+    else:
+        key = _torch_key(seed, log_alpha)
+        m, _, p_open_sum = _HardConcreteTorch.apply(key, int(offset), *args, return_p_open_sum, None, log_alpha)
+    return (m, p_open_sum) if return_p_open_sum else m
+
+
+def hard_concrete_parts(log_alphas: Sequence[torch.Tensor], seed: int | torch.Tensor, offset: int = 0,
+                        training: bool = True, t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA,
+                        gamma: float = GAMMA, zeta: float = ZETA, noise_range: float = 0.0,
+                        uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """:func:`hard_concrete` of the concatenation of the flattened ``log_alphas`` (gates numbered
+    from ``offset`` in that order), returned as one mask per tensor: what a model's gates draw
+    in one call. The masks, and the gradients, are those of sampling the concatenation, without
+    the concatenation and the split in the autograd graph (one backward node on the torch backend).
+
+    Args:
+        log_alphas: logit tensors of one dtype and device (any shapes).
+        seed, offset, training, t_l, t_u, beta, gamma, zeta, noise_range: as :func:`hard_concrete`.
+        uniform: ``(sum of numels,)`` float32: the uniforms :func:`gate_uniform` gives for
+            ``(seed, offset)``, when the caller already has them (:class:`lumos.gates.GateSampler`
+            makes many steps' at once, with :func:`gate_uniform_rows`); the torch backend then
+            uses them instead of generating them. Ignored by the Triton kernel, which makes its own.
+
+    Returns:
+        A tuple of masks, one per tensor of ``log_alphas``, of its shape and dtype (views of
+        one buffer when there are several).
+    """
+    op = "hard_concrete_parts"
+    log_alphas = list(log_alphas)
+    if not log_alphas:
+        raise ValueError(f"{op}: `log_alphas` must hold at least one tensor")
+    args = _checked_args(op, log_alphas, seed, training, t_l, t_u, beta, gamma, zeta, noise_range)
+    first = log_alphas[0]
+    if dispatch.backend_for("hard_concrete", first) == "triton" or torch.compiler.is_compiling():
+        flat = torch.cat([la.reshape(-1) for la in log_alphas]) if len(log_alphas) > 1 else first
+        m = hard_concrete(flat, seed, offset, *args)
+        if len(log_alphas) == 1:
+            return (m,)
+        return tuple(part.view(la.shape) for part, la in zip(m.split([la.numel() for la in log_alphas]), log_alphas))
+    if uniform is not None and (uniform.dim() != 1 or uniform.numel() != sum(la.numel() for la in log_alphas)):
+        raise ValueError(f"{op}: `uniform` must hold one number per gate, got shape {tuple(uniform.shape)}")
+    outputs = _HardConcreteTorch.apply(_torch_key(seed, first), int(offset), *args, False,
+                                       uniform if args[0] else None, *log_alphas)
+    return outputs[:-2]
+
+
+def _checked_args(op, log_alphas, seed, training, t_l, t_u, beta, gamma, zeta, noise_range) -> tuple:
+    """The sampling arguments as plain Python values, or a clear error naming ``op``'s argument."""
+    for log_alpha in log_alphas:
+        if not isinstance(log_alpha, torch.Tensor):
+            raise TypeError(f"{op}: `log_alpha` must be a tensor, got {type(log_alpha).__name__}")
+        dispatch.check_float(op, "log_alpha", log_alpha)
     check_gate_params(t_l, t_u, beta, gamma, zeta, noise_range)
     if isinstance(seed, torch.Tensor) and (seed.numel() != 1 or seed.is_floating_point() or seed.is_complex()):
         raise TypeError(f"{op}: `seed` must be an int or a one-element integer tensor, got {seed.dtype} "
                         f"of shape {tuple(seed.shape)}")
-    args = (bool(training), float(t_l), float(t_u), float(beta), float(gamma), float(zeta), float(noise_range))
-    if dispatch.backend_for(op, log_alpha) == "triton":
-        m, _, p_open_sum = _hard_concrete_op(log_alpha, _seed_tensor(seed), as_int64(offset), *args)
-    else:
-        if isinstance(seed, torch.Tensor):  # stays where it is: a CPU scalar adds to any device's tensor
-            key = seed.reshape(()).to(dtype=torch.int64, device="cpu" if seed.is_cpu else log_alpha.device)
-        else:
-            key = _seed_tensor(seed) if torch.compiler.is_compiling() else as_int64(seed)
-        m, _, p_open_sum = _HardConcreteTorch.apply(log_alpha, key, int(offset), *args, return_p_open_sum)
-    return (m, p_open_sum) if return_p_open_sum else m
+    return bool(training), float(t_l), float(t_u), float(beta), float(gamma), float(zeta), float(noise_range)
+
+
+def _torch_key(seed, log_alpha: torch.Tensor):
+    """The key as the torch backend takes it: an int, or a 0-dim int64 tensor (never read back)."""
+    if isinstance(seed, torch.Tensor):  # stays where it is: a CPU scalar adds to any device's tensor
+        return seed.reshape(()).to(dtype=torch.int64, device="cpu" if seed.is_cpu else log_alpha.device)
+    return _seed_tensor(seed) if torch.compiler.is_compiling() else as_int64(seed)

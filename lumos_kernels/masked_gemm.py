@@ -99,8 +99,8 @@ class _MaskedLinearTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, m_in, m_out):
         n = weight.shape[0]
-        m_in_w = None if m_in is None else m_in.to(weight.dtype)
-        m_out_w = None if m_out is None else m_out.to(weight.dtype)
+        m_in_w = None if m_in is None else _in_dtype(m_in, weight.dtype)
+        m_out_w = None if m_out is None else _in_dtype(m_out, weight.dtype)
         xs, w = x2, weight
         if m_in_w is not None:
             if x2.shape[0] <= n:
@@ -120,12 +120,20 @@ class _MaskedLinearTorch(torch.autograd.Function):
         need_x, need_w, need_b, need_in, need_out = ctx.needs_input_grad
         n = weight.shape[0]
         g = grad_y
-        gm = g if m_out is None else g * m_out
         dx = dw = db = dm_in = dm_out = None
+        if m_out is None:
+            gm = g
+        elif need_out:
+            # (g * a) once, then its buffer takes g * m_out: one activation-sized buffer, not two
+            ga = g * a
+            dm_out = _in_dtype(ga.sum(0), ctx.gate_dtypes[1])
+            gm = torch.mul(g, m_out, out=ga)
+        else:
+            gm = g * m_out
         if need_x or (need_in and m_in is not None):
             p = gm @ weight  # (M, K)
             if need_in and m_in is not None:
-                dm_in = (p * x2).sum(0).to(ctx.gate_dtypes[0])
+                dm_in = _in_dtype((p * x2).sum(0), ctx.gate_dtypes[0])
             if need_x:
                 dx = p if m_in is None else p.mul_(m_in)
         if need_w:
@@ -137,17 +145,66 @@ class _MaskedLinearTorch(torch.autograd.Function):
                 dw = (gm.t() @ x2).mul_(m_in)
         if need_b and ctx.has_bias:
             db = gm.sum(0)
-        if need_out and m_out is not None:
-            dm_out = (g * a).sum(0).to(ctx.gate_dtypes[1])
         return dx, dw, db, dm_in, dm_out
 
 
+class _OutMaskedLinearTorch(torch.autograd.Function):
+    """The torch backend for output gates only when the weight is smaller than the activations
+    (``K < M``, e.g. a first layer on a few input features): the gates scale the weight's rows,
+    and every extra pass is over a weight-sized ``(N, K)`` tensor:
+
+        Wm = W * m_out[:, None];  y = x @ Wm.T + b * m_out
+        D = G.T @ x;  dW = D * m_out[:, None];  db = G.sum(0) * m_out;  dx = G @ Wm
+        dm_out = (D * W).sum(1) + G.sum(0) * b      (= (G * (x @ W.T + b)).sum(0))
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, m_out):
+        m = _in_dtype(m_out, weight.dtype)
+        w = weight * m[:, None]
+        y = F.linear(x2, w, None if bias is None else bias * m)
+        ctx.save_for_backward(x2, weight, bias, m, w)
+        ctx.gate_dtype = m_out.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, weight, bias, m, w = ctx.saved_tensors
+        need_x, need_w, need_b, need_out = ctx.needs_input_grad
+        dx = dw = db = dm_out = None
+        if need_x:
+            dx = grad_y @ w
+        g_sum = grad_y.sum(0) if (need_b or need_out) and bias is not None else None
+        if need_w or need_out:
+            d = grad_y.t() @ x2
+            if need_out:
+                dm_out = (d * weight).sum(1)
+                if g_sum is not None:
+                    dm_out = dm_out.add_(g_sum * bias)
+                dm_out = _in_dtype(dm_out, ctx.gate_dtype)
+            if need_w:
+                dw = d.mul_(m[:, None])
+        if need_b and bias is not None:
+            db = g_sum * m
+        return dx, dw, db, dm_out
+
+
 def _masked_linear_torch(x, weight, bias, m_in, m_out):
-    """The torch backend (:class:`_MaskedLinearTorch`); without gates, ``F.linear`` itself."""
+    """The torch backend (:class:`_MaskedLinearTorch`, or :class:`_OutMaskedLinearTorch` for output
+    gates on a weight smaller than the activations); without gates, ``F.linear`` itself."""
     if m_in is None and m_out is None:
         return F.linear(x, weight, bias)
-    y = _MaskedLinearTorch.apply(x.reshape(-1, weight.shape[1]), weight, bias, m_in, m_out)
+    x2 = x if x.dim() == 2 else x.reshape(-1, weight.shape[1])
+    if m_in is None and x2.shape[0] > weight.shape[1]:
+        y = _OutMaskedLinearTorch.apply(x2, weight, bias, m_out)
+    else:
+        y = _MaskedLinearTorch.apply(x2, weight, bias, m_in, m_out)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` (itself when it already is: a step calls this per gated layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _has_work(x, weight) -> bool:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lumos
+import lumos_kernels
 from lumos.gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGate
 from lumos.nn import FeatureGate, GatedLinear
 from zoo import mlp_zoo
@@ -189,6 +190,25 @@ def test_training_mask_is_a_pure_function_of_logits_seed_step_and_offset():
     torch.testing.assert_close(b(x), a(x))
     b.gate_sampler.reseed(5)
     assert not torch.equal(b(x), a(x))
+
+
+def test_model_masks_are_the_step_keys_sampling_and_a_gate_alone_draws_the_same_numbers():
+    """The sampler draws many steps' uniforms at once (NOISE_TABLE_STEPS); on every step, after
+    a reseed, and at the table's boundaries, the masks are bit for bit ``hard_concrete`` of the
+    gates' logits with the step's key, and a gate drawing its own mask gets the same numbers."""
+    from lumos.gates import NOISE_TABLE_STEPS, noise_key
+
+    _, gated = _band_gated_mlp()
+    sampler = gated.gate_sampler
+    logits = torch.cat([gate.log_alpha for gate in sampler.gates])
+    steps = list(range(NOISE_TABLE_STEPS + 3)) + [5, 2 * NOISE_TABLE_STEPS - 1]
+    for step in steps:
+        sampler.reseed(3 if step == 5 else 0, step)
+        drawn = sampler.draw(True)
+        whole = lumos_kernels.hard_concrete(logits, seed=noise_key(sampler.seed, step), offset=0)
+        assert torch.equal(torch.cat(drawn), whole), step
+        for gate, mask in zip(sampler.gates, drawn):
+            assert torch.equal(gate(), mask), (step, gate.offset)  # drawn outside a forward: the same numbers
 
 
 def test_gates_are_numbered_one_after_another_in_the_model():

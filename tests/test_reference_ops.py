@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lumos_kernels import (gate_uniform, hard_concrete, hard_concrete_reference, masked_linear,
+from lumos_kernels import (gate_uniform, gate_uniform_rows, hard_concrete, hard_concrete_parts, hard_concrete_reference, masked_linear,
                            masked_linear_reference, masked_message_passing, masked_message_passing_reference, p_open,
                            to_csr)
 from lumos_kernels.hard_concrete import BETA, GAMMA, ZETA
@@ -248,22 +248,27 @@ def test_masked_linear_torch_backend_matches_the_reference_values_and_gradients(
 @pytest.mark.parametrize("frozen", ["none", "weights", "gates"])
 def test_masked_linear_torch_backend_gradients_with_some_arguments_absent_or_frozen(bias, m_in, m_out, frozen):
     """Every combination the backward branches on: absent bias or gate, weights or gates without
-    gradient, gates in another dtype (fp32 gates on fp64 weights)."""
-    x, w = _f64(5, 9), _f64(7, 9)
-    b = _f64(7) if bias else None
-    gi = torch.rand(9, requires_grad=True) if m_in else None
-    go = torch.rand(7, requires_grad=True) if m_out else None
-    frozen_args = {"none": [], "weights": [w, b], "gates": [gi, go]}[frozen]
-    for t in frozen_args:
-        if t is not None:
-            t.requires_grad_(False)
-    args = [t for t in (x, w, b, gi, go) if t is not None and t.requires_grad]
-    y, y_ref = masked_linear(x, w, b, gi, go), masked_linear_reference(x, w, b, gi, go)
-    torch.testing.assert_close(y, y_ref)
-    grad = torch.randn_like(y)
-    for got, want in zip(torch.autograd.grad(y, args, grad), torch.autograd.grad(y_ref, args, grad)):
-        assert got.dtype == want.dtype
-        torch.testing.assert_close(got, want)
+    gradient, gates in another dtype (fp32 gates on fp64 weights), fewer rows than input
+    features (gates scale the activations) and more (output gates alone scale the weight)."""
+    for rows in (5, 20):
+        x, w = _f64(rows, 9), _f64(7, 9)
+        b = _f64(7) if bias else None
+        gi = torch.rand(9, requires_grad=True) if m_in else None
+        go = torch.rand(7, requires_grad=True) if m_out else None
+        if go is not None:
+            with torch.no_grad():
+                go[2] = 0.0  # a closed gate still gets its exact gradient
+        frozen_args = {"none": [], "weights": [w, b], "gates": [gi, go]}[frozen]
+        for t in frozen_args:
+            if t is not None:
+                t.requires_grad_(False)
+        args = [t for t in (x, w, b, gi, go) if t is not None and t.requires_grad]
+        y, y_ref = masked_linear(x, w, b, gi, go), masked_linear_reference(x, w, b, gi, go)
+        torch.testing.assert_close(y, y_ref)
+        grad = torch.randn_like(y)
+        for got, want in zip(torch.autograd.grad(y, args, grad), torch.autograd.grad(y_ref, args, grad)):
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want)
 
 
 def test_message_passing_torch_backend_gradients_are_the_closed_forms_of_kernels_md():
@@ -315,3 +320,38 @@ def test_masked_linear_rejects_a_weight_of_another_dtype_naming_it():
         masked_linear(torch.randn(2, 3), torch.randn(4, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="`bias` dtype"):
         masked_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4, dtype=torch.float64))
+
+
+def test_gate_uniform_rows_are_gate_uniform_of_each_key():
+    keys = torch.tensor([0, 1, -5, 2**62, -(2**63)], dtype=torch.int64)
+    rows = gate_uniform_rows(keys, 7, 300)
+    assert rows.shape == (5, 300)
+    for key, row in zip(keys.tolist(), rows):
+        assert torch.equal(row, gate_uniform(key, 7, 300))
+
+
+def test_hard_concrete_parts_are_the_concatenation_sampled_at_once():
+    """Masks and gradients of several logit tensors sampled together equal those of their
+    concatenation; given uniforms are used as they are."""
+    g = torch.Generator().manual_seed(0)
+    parts = [(torch.rand(shape, generator=g, dtype=torch.float64) * 5 - 2.5).requires_grad_()
+             for shape in [(7,), (3, 4), (1,)]]
+    flat = torch.cat([p.detach().reshape(-1) for p in parts]).requires_grad_()
+    for training in (True, False):
+        masks = hard_concrete_parts(parts, seed=11, offset=4, training=training)
+        whole = hard_concrete(flat, seed=11, offset=4, training=training)
+        assert [m.shape for m in masks] == [p.shape for p in parts]
+        torch.testing.assert_close(torch.cat([m.reshape(-1) for m in masks]), whole, rtol=0, atol=0)
+        weights = torch.randn(whole.shape, generator=g, dtype=torch.float64)
+        got = torch.autograd.grad(sum((m.reshape(-1) * w).sum() for m, w in
+                                      zip(masks, weights.split([p.numel() for p in parts]))), parts)
+        want = torch.autograd.grad((whole * weights).sum(), flat)[0]
+        torch.testing.assert_close(torch.cat([x.reshape(-1) for x in got]), want)
+    uniform = gate_uniform(11, 4, flat.numel())
+    given = hard_concrete_parts(parts, seed=11, offset=4, uniform=uniform)
+    for a, b in zip(given, hard_concrete_parts(parts, seed=11, offset=4)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="hard_concrete_parts: `uniform` must hold one number per gate"):
+        hard_concrete_parts(parts, seed=11, uniform=uniform[:-1])
+    with pytest.raises(ValueError, match="hard_concrete_parts: `log_alphas` must hold at least one tensor"):
+        hard_concrete_parts([], seed=1)

@@ -391,6 +391,53 @@ def test_expected_and_soft_kept_in_one_evaluation_match_the_separate_ones(name, 
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("name", ["resnet_basic", "densenet", "shufflenet_v2", "vit", "transformer_seq2seq"])
+def test_closed_form_cost_gradient_matches_autograd_on_the_architecture_zoo(name):
+    """The training step's cost (one backward node, closed-form gradient) against autograd through
+    the plain formulas, on models with residual sums (groups made by several gates),
+    concatenations, channel shuffles and attention; every gate inside the band."""
+    from zoo_architectures import architectures
+
+    arch = architectures()[name]
+    torch.manual_seed(0)
+    gated = lumos.gate(arch.factory(1), arch.example_inputs(), feature_dim=arch.feature_dim)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, gate in lumos.gates_of(gated):
+            gate.log_alpha.copy_(torch.rand(gate.n, generator=g) * 8 - 4)
+    costs = cost_model(gated)
+    logits = [gate.log_alpha for gate in costs.gates]
+    for kind in ("params", "flops", "count"):
+        expected, _ = costs.expected_and_soft_kept(kind)
+        torch.testing.assert_close(expected, costs.expected(kind))
+        got = torch.autograd.grad(expected, logits)
+        want = torch.autograd.grad(costs._expected(torch.sigmoid(torch.cat(logits) - costs._shift.float()), kind),
+                                   logits)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+
+
+def test_closed_form_cost_gradient_with_a_layer_input_gate():
+    """A GatedLinear with its own input gate: its input width is the product of two gates' p_open."""
+    torch.manual_seed(0)
+    model = nn.Sequential(lumos.nn.GatedLinear(6, 16), nn.ReLU(), lumos.nn.GatedLinear(16, 8, gate_in=True),
+                          nn.ReLU(), nn.Linear(8, 2))
+    gated = lumos.gate(model, torch.randn(4, 6))
+    randomize_gates(gated, closed_fraction=0.0, seed=2)
+    with torch.no_grad():
+        for _, gate in lumos.gates_of(gated):
+            gate.log_alpha.uniform_(-3, 3)
+    costs = cost_model(gated)
+    assert costs._has_in_gates
+    logits = [gate.log_alpha for gate in costs.gates]
+    for kind in ("params", "flops"):
+        expected, _ = costs.expected_and_soft_kept(kind)
+        p = torch.sigmoid(torch.cat(logits) - costs._shift.float())
+        want = torch.autograd.grad(costs._expected(p, kind), logits)
+        for a, b in zip(torch.autograd.grad(expected, logits), want):
+            torch.testing.assert_close(a, b)
+
+
 def test_cost_model_evaluates_every_layer_in_one_pass_matching_the_per_layer_formula():
     model, x = mlp_zoo()["residual"]
     gated = lumos.gate(model, x)

@@ -100,8 +100,8 @@ def test_train_step_samples_once_evaluates_cost_once_and_reads_nothing_back(in_b
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(lumos.gates, "hard_concrete", counting("sample", lumos.gates.hard_concrete))
-    monkeypatch.setattr(CostModel, "_cost", counting("cost", CostModel._cost))
+    monkeypatch.setattr(lumos.gates, "hard_concrete_parts", counting("sample", lumos.gates.hard_concrete_parts))
+    monkeypatch.setattr(CostModel, "_cost_of_widths", counting("cost", CostModel._cost_of_widths))
     monkeypatch.setattr(nn.Module, "named_modules", counting("walk", nn.Module.named_modules))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         lumos.train_step(gated, (x,), y, optimizer, controller=controller)

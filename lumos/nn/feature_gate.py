@@ -41,7 +41,9 @@ class FeatureGate(nn.Module):
 
     def _broadcast(self, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         dim = self.dim % x.dim()
-        return m.reshape([-1 if d == dim else 1 for d in range(x.dim())]).to(x.dtype)
+        if dim != x.dim() - 1:  # the last dim broadcasts as it is: no op to dispatch
+            m = m.reshape([-1 if d == dim else 1 for d in range(x.dim())])
+        return m if m.dtype == x.dtype else m.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or not -x.dim() <= self.dim < x.dim() or x.shape[self.dim] != self.n_features:

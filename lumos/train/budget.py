@@ -143,10 +143,9 @@ class BudgetController:
         """``lam * E`` (times the detached ``task_loss`` when ``relative``), differentiable in
         the gates; also keeps ``E`` for :meth:`step`."""
         costs = cost_model(self.model)
-        expected, soft_kept = costs.expected_and_soft_kept(self.cost)  # one vectorised evaluation
-        expected = expected / costs.dense[self.cost]
-        self._expected = expected.detach().double()
-        self._soft_kept = soft_kept.double() / costs.dense[self.cost]
+        expected, soft_kept = costs.expected_and_soft_kept(self.cost, normalize=True)  # one vectorised evaluation
+        self._expected = expected.detach()
+        self._soft_kept = soft_kept.double()  # the controller computes in float64
         if self._measures_kept():
             with torch.no_grad():
                 units = costs.kept_units()
@@ -154,8 +153,8 @@ class BudgetController:
                 self._kept, self._units = costs.actual_tensor(self.cost, units) / costs.dense[self.cost], units
         weight = self._lam
         if self.relative and task_loss is not None:
-            weight = weight * task_loss.detach().to(weight.dtype)
-        return (weight * expected).to(expected.dtype)
+            weight = weight * task_loss.detach()
+        return weight.to(expected.dtype) * expected  # the weight carries no gradient: one product in the graph
 
     def _measures_kept(self) -> bool:
         """Once the budget is within twice the target and until the lock, the eval masks' fraction
