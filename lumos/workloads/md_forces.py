@@ -23,6 +23,15 @@ yet they are what an MD code has at hand next to the geometry.
 
 Inputs and targets are standardised with the train split's mean and std
 (``workload.stats = {"x_mean", "x_scale", "y_mean", "y_scale"}``, float64).
+
+Sizes (:data:`SIZES`). ``a`` and ``k_theta`` are true but weak inputs: permuting either costs a
+trained dense model about 0.06 of R2 (the distractors under 0.001). ``small`` must learn that signal
+before the gates' pressure arrives and keep it through it, hence 4000 rows and a 14-64-64-4
+MLP. At 1500 rows and 14-32-32-4 (its earlier size) the run had 375
+steps, the model was at validation R2 0.80-0.86 when the pressure began, one input's column
+of the first layer (32 weights) was a tenth of a 20% budget (334 parameters), and lumos closed
+``a`` and/or ``k_theta`` on seeds 0, 1 and 2 (gated test R2 0.89-0.93); with 4000 rows and
+64-wide layers it kept exactly the 8 true inputs on seeds 0-6 (gated test R2 0.990-0.994).
 """
 from __future__ import annotations
 
@@ -74,7 +83,7 @@ def fragment_forces(features: torch.Tensor) -> torch.Tensor:
 
 
 SIZES = {
-    "small": dict(n_train=1500, n_val=300, n_test=300, hidden=(32, 32),
+    "small": dict(n_train=4000, n_val=300, n_test=300, hidden=(64, 64),
                   epochs=8, fine_tune_epochs=2, lr=3e-3, batch_size=64),
     "full": dict(n_train=20000, n_val=4000, n_test=4000, hidden=(256, 256, 256),
                  epochs=20, fine_tune_epochs=5, lr=1e-3, batch_size=256),
