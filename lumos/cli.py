@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 DESCRIPTION = """\
 lumos shrinks scientific-ML models in one training run: L0 gates learn which input features
@@ -87,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "masks, all at lumos' kept-parameter fraction and the same training "
                                        "budget. Writes results.md, results.json and, with matplotlib, results.png "
                                        "(metric vs kept parameters). --size small takes minutes on 2 CPU cores, "
-                                       "full takes hours.\n\nThe MLP latency table this command printed before "
+                                       "full about 40 minutes per seed for all six (one thread, measured on a "
+                                       "loaded 2-core machine).\n\nThe MLP latency table this command printed before "
                                        "is now 'lumos latency'.\n\nworkloads:\n" + _workload_lines())
     bench.add_argument("workloads", nargs="*", metavar="WORKLOAD", help="workloads to run (default: all)")
     bench.add_argument("--size", choices=("small", "full"), default="small", help="workload size (default small)")
@@ -102,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=50, help="timed forwards per model (default 50)")
     bench.add_argument("--note", default="", help="a line printed under the title of results.md")
     bench.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
+    bench.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                       help="run nothing: merge these results.json files (e.g. workloads run one at a time) "
+                            "into one results.md, .json and .png in --out; each run keeps its command, date, "
+                            "wall time and load average")
     latency = sub.add_parser("latency", help="dense vs compacted CPU latency of an MLP at 75%% and 90%% pruned")
     latency.add_argument("--rows", type=int, default=4096, help="batch rows (default 4096)")
     latency.add_argument("--width", type=int, default=512, help="hidden width (default 512)")
@@ -158,10 +165,41 @@ def _run(args, name: str) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from .evaluation.results import merge_results, to_markdown, write_results
+
+    if args.workloads:
+        print(f"lumos bench: --merge runs nothing; drop the workload names {', '.join(args.workloads)}",
+              file=sys.stderr)
+        return 2
+    parts = []
+    for path in args.merge:
+        try:
+            parts.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as err:
+            print(f"lumos bench: --merge: cannot read {path} as a results.json: {err}", file=sys.stderr)
+            return 2
+        if not isinstance(parts[-1], dict) or "rows" not in parts[-1]:
+            print(f"lumos bench: --merge: {path} has no 'rows'; expected a results.json of lumos bench",
+                  file=sys.stderr)
+            return 2
+    try:
+        results = merge_results(parts, command="lumos " + shlex.join(args.argv), note=args.note)
+    except ValueError as err:
+        print(f"lumos bench: --merge: {err}", file=sys.stderr)
+        return 2
+    files = write_results(results, args.out)
+    print(to_markdown(results))
+    print(f"written: {', '.join(files)}")
+    return 0
+
+
 def _bench(args) -> int:
     from .evaluation.bench import run_bench
     from .workloads import available
 
+    if args.merge:
+        return _merge(args)
     unknown = [name for name in args.workloads if name not in available()]
     if unknown:
         print(f"lumos bench: unknown workload(s) {', '.join(unknown)}; known: {', '.join(available())}",

@@ -110,3 +110,77 @@ def test_unknown_workload_or_baseline_is_refused_before_training(tmp_path):
         run_bench(["nope"], out_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown baseline"):
         run_bench(["cfd_flux"], baselines_to_run=("magnitude",), out_dir=tmp_path)
+
+
+def _split_by_workload(saved: dict) -> list[dict]:
+    """``saved`` (a results.json) as one run per workload, as if each had been run on its own."""
+    parts = []
+    for i, name in enumerate(("md_forces", "cfd_flux")):  # out of order: the merge sorts by workload
+        part = {**saved, "command": f"lumos bench {name}", "date": f"2026-01-0{i + 1}T00:00:00+00:00",
+                "wall_seconds": 60.0 * (i + 1), "rows": [r for r in saved["rows"] if r["workload"] == name]}
+        parts.append(part)
+    parts[1].pop("load_average")  # a run written before load averages were recorded
+    return parts
+
+
+def test_a_run_records_the_load_average_at_start_and_end(results):
+    data, out = results
+    load = json.loads((out / "results.json").read_text())["load_average"]
+    assert len(load["start"]) == len(load["end"]) == 3 and min(load["start"] + load["end"]) >= 0
+    assert "load average (1 / 5 / 15 min)" in (out / "results.md").read_text()
+
+
+def test_merged_runs_keep_every_row_and_each_runs_command_date_and_load(results, tmp_path):
+    from lumos.evaluation.results import merge_results, to_markdown, write_results
+
+    saved = json.loads((results[1] / "results.json").read_text())
+    merged = merge_results(_split_by_workload(saved), command="lumos bench --merge a b", note="two runs")
+    assert merged["rows"] == saved["rows"]  # back in workload order, methods in order within each
+    assert [p["command"] for p in merged["parts"]] == ["lumos bench md_forces", "lumos bench cfd_flux"]
+    assert [p["workloads"] for p in merged["parts"]] == [["md_forces"], ["cfd_flux"]]
+    assert merged["wall_seconds"] == 180.0 and merged["size"] == "small" and merged["seeds"] == [0]
+    text = to_markdown(merged)
+    for needle in ("Merged from 2 runs", "**Run 1**: md_forces; size small; seeds 0", "`lumos bench cfd_flux`",
+                   "Date: 2026-01-02T00:00:00+00:00; wall time 2.0 min; load average not recorded",
+                   "Date: 2026-01-01T00:00:00+00:00; wall time 1.0 min; load average (1 / 5 / 15 min)",
+                   "**two runs**", "## cfd_flux", "## md_forces", "Acceptance check"):
+        assert needle in text, needle
+    assert text.index("## cfd_flux") < text.index("## md_forces")
+    write_results(merged, tmp_path)
+    again = merge_results([json.loads((tmp_path / "results.json").read_text())], command="again")
+    assert again["parts"] == json.loads(json.dumps(merged["parts"])) and again["rows"] == merged["rows"]
+
+
+def test_merge_refuses_a_repeated_run_or_another_protocol(results):
+    from lumos.evaluation.results import merge_results
+
+    saved = json.loads((results[1] / "results.json").read_text())
+    with pytest.raises(ValueError, match="merge_results: workload cfd_flux size small seed 0 target 0.2 is in parts"):
+        merge_results([saved, _split_by_workload(saved)[1]])
+    with pytest.raises(ValueError, match="merge_results: the parts were run under different protocols"):
+        merge_results([{**part, "protocol": f"protocol {i}"} for i, part in enumerate(_split_by_workload(saved))])
+    with pytest.raises(ValueError, match="merge_results: parts is empty"):
+        merge_results([])
+
+
+def test_cli_merge_writes_the_three_files_and_refuses_bad_input(results, tmp_path, capsys):
+    from lumos.cli import main
+
+    saved = json.loads((results[1] / "results.json").read_text())
+    paths = []
+    for i, part in enumerate(_split_by_workload(saved)):
+        paths.append(tmp_path / f"part{i}.json")
+        paths[-1].write_text(json.dumps(part))
+    out = tmp_path / "merged"
+    assert main(["bench", "--merge", *map(str, paths), "--out", str(out)]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    assert merged["rows"] == saved["rows"] and merged["command"].startswith("lumos bench --merge")
+    assert (out / "results.png").exists() and "Merged from 2 runs" in (out / "results.md").read_text()
+    capsys.readouterr()
+    (tmp_path / "junk.json").write_text("{")
+    assert main(["bench", "--merge", str(tmp_path / "junk.json"), "--out", str(out)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert main(["bench", "cfd_flux", "--merge", str(paths[0]), "--out", str(out)]) == 2
+    assert "--merge runs nothing" in capsys.readouterr().err
+    assert main(["bench", "--merge", str(paths[0]), str(paths[0]), "--out", str(out)]) == 2
+    assert "is in parts 0 and 1" in capsys.readouterr().err

@@ -15,6 +15,7 @@ Inference is timed on CPU (median of ``repeats`` forwards of one batch, the batc
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import time
 from pathlib import Path
@@ -164,6 +165,15 @@ def bench_workload(name: str, *, size: str = "small", seed: int = 0, target: flo
     return rows
 
 
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (None where the OS has none): how busy the
+    machine was while the timings were taken."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -189,7 +199,7 @@ def run_bench(names: list[str] | None = None, *, size: str = "small", seeds=(0,)
     if unknown:
         raise ValueError(f"lumos.evaluation.run_bench: unknown baseline(s) {', '.join(unknown)}; "
                          f"known: {', '.join(BASELINES)}")
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), load_average()
     rows = []
     for name in names:
         for seed in seeds:
@@ -199,7 +209,8 @@ def run_bench(names: list[str] | None = None, *, size: str = "small", seeds=(0,)
                                        repeats=repeats, progress=progress, log=log)
     results = {"command": command, "note": note, "size": size, "seeds": list(seeds), "targets": list(targets),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "wall_seconds": time.perf_counter() - started, "machine": machine(), "protocol": PROTOCOL,
+               "wall_seconds": time.perf_counter() - started, "machine": machine(),
+               "load_average": {"start": load_at_start, "end": load_average()}, "protocol": PROTOCOL,
                "rows": rows}
     from .results import write_results
     results["files"] = write_results(results, out_dir, log)

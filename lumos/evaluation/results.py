@@ -2,6 +2,7 @@
 acceptance check of issue 12), ``results.png`` (metric against kept parameters per workload)."""
 from __future__ import annotations
 
+import datetime
 import json
 import statistics
 from pathlib import Path
@@ -79,17 +80,38 @@ def _mark(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
+def _load(values) -> str:
+    return "not recorded" if values is None else " / ".join(f"{v:.2f}" for v in values)
+
+
+def run_header(run: dict) -> list[str]:
+    """Markdown lines with one ``lumos bench`` run's command, date, wall time, load average and machine."""
+    m, load = run["machine"], run.get("load_average")
+    load_text = ("load average not recorded" if load is None else
+                 f"load average (1 / 5 / 15 min) {_load(load['start'])} at start, {_load(load['end'])} at end")
+    return [f"Command: `{run['command']}`  ",
+            f"Date: {run['date']}; wall time {run['wall_seconds'] / 60:.1f} min; {load_text}  ",
+            f"Machine: {m['processor']}, {m['platform']}, torch {m['torch']}, {m['threads']} threads"]
+
+
 def to_markdown(results: dict) -> str:
     """The whole ``results.md``."""
     rows = results["rows"]
-    m = results["machine"]
     lines = [f"# lumos bench ({results['size']})", ""]
     if results.get("note"):
         lines += [f"**{results['note']}**", ""]
-    lines += [f"Command: `{results['command']}`  ", f"Date: {results['date']}; wall time "
-             f"{results['wall_seconds'] / 60:.1f} min  ",
-             f"Machine: {m['processor']}, {m['platform']}, torch {m['torch']}, {m['threads']} threads", "",
-             f"Protocol: {results['protocol']}", "",
+    if "parts" in results:
+        lines += [f"Merged from {len(results['parts'])} runs of `lumos bench` by `{results['command']}`; "
+                  "each run's command, date, wall time, load and machine:", ""]
+        for i, part in enumerate(results["parts"], 1):
+            lines += [f"**Run {i}**: {', '.join(part['workloads'])}; size {part['size']}; seeds "
+                      f"{', '.join(map(str, part['seeds']))}  "]
+            if part.get("note"):
+                lines += [f"{part['note']}  "]
+            lines += run_header(part) + [""]
+    else:
+        lines += run_header(results) + [""]
+    lines += [f"Protocol: {results['protocol']}", "",
              "Columns: params/FLOPs kept are fractions of the dense model (FLOPs by "
              "`torch.utils.flop_counter`, per sample; unstructured masks execute every dense FLOP); "
              "loss vs dense is the relative change of the test metric (positive: worse); CPU speedup is "
@@ -164,6 +186,44 @@ def plot(results: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+RUN_KEYS = ("command", "note", "size", "seeds", "targets", "date", "wall_seconds", "machine", "load_average")
+
+
+def merge_results(parts: list[dict], *, command: str = "", note: str = "") -> dict:
+    """One results dict from several ``lumos bench`` results (e.g. each workload run on its own):
+    every row, rows ordered by workload; ``parts`` keeps each run's command, date, wall time, load
+    average and machine (a part that is itself merged contributes its own parts).
+
+    Raises:
+        ValueError: no parts, parts written under different protocols, or the same (workload, size,
+            seed, target) in two parts.
+    """
+    if not parts:
+        raise ValueError("lumos.evaluation.merge_results: parts is empty; expected one or more results dicts")
+    protocols = {part["protocol"] for part in parts}
+    if len(protocols) > 1:
+        raise ValueError("lumos.evaluation.merge_results: the parts were run under different protocols "
+                         f"({len(protocols)} distinct); their rows cannot share one table")
+    runs, rows, seen = [], [], {}
+    for index, part in enumerate(parts):
+        for run in part.get("parts") or [{k: part.get(k) for k in RUN_KEYS}
+                                         | {"workloads": list(dict.fromkeys(r["workload"] for r in part["rows"]))}]:
+            runs.append(run)
+        for key in dict.fromkeys((r["workload"], r["size"], r["seed"], r["target"]) for r in part["rows"]):
+            if key in seen:
+                raise ValueError(f"lumos.evaluation.merge_results: workload {key[0]} size {key[1]} seed {key[2]} "
+                                 f"target {key[3]} is in parts {seen[key]} and {index}; each may appear once")
+            seen[key] = index
+        rows += part["rows"]
+    order = {name: i for i, name in enumerate(workloads.available())}
+    rows.sort(key=lambda r: order.get(r["workload"], len(order)))  # stable: seeds and methods keep their order
+    return {"command": command, "note": note, "size": ", ".join(dict.fromkeys(r["size"] for r in rows)),
+            "seeds": sorted({r["seed"] for r in rows}), "targets": sorted({r["target"] for r in rows}),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": sum(run["wall_seconds"] for run in runs), "protocol": protocols.pop(),
+            "parts": runs, "rows": rows}
 
 
 def write_results(results: dict, out_dir: str | Path, log=print) -> list[str]:
