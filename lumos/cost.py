@@ -337,6 +337,7 @@ class _ExpectedCost(torch.autograd.Function):
             expected, kept = costs._cost_of_widths(e_in, e_out, kind).unbind()
             ctx.save_for_backward(p, e_in[0], e_out[0])
         ctx.costs, ctx.kind, ctx.sizes, ctx.scale = costs, kind, [t.numel() for t in logits], scale
+        ctx.logits = logits  # only for a backward that is itself differentiated (see backward)
         ctx.mark_non_differentiable(kept)
         if scale != 1.0:
             expected, kept = expected * scale, kept * scale
@@ -346,6 +347,11 @@ class _ExpectedCost(torch.autograd.Function):
     def backward(ctx, grad_expected, _grad_kept):
         if grad_expected is None:
             return (None,) * (4 + len(ctx.sizes))
+        if torch.is_grad_enabled():  # create_graph=True: autograd through the plain formulas, differentiable again
+            with torch.enable_grad():
+                expected = ctx.costs.expected(ctx.kind) * ctx.scale
+            grads = torch.autograd.grad(expected, ctx.logits, grad_expected, create_graph=True)
+            return (None, None, None, None, *grads)
         p, *widths = ctx.saved_tensors
         d_p = torch.ones_like(p) if ctx.kind == "count" else ctx.costs._grad_p(p, *widths, ctx.kind)
         grad = d_p.mul_(grad_expected * ctx.scale).mul_(p * (1 - p))

@@ -125,9 +125,10 @@ class _MaskedLinearTorch(torch.autograd.Function):
             gm = g
         elif need_out:
             # (g * a) once, then its buffer takes g * m_out: one activation-sized buffer, not two
+            # (unless this backward is itself recorded, create_graph=True: out= has no gradient)
             ga = g * a
             dm_out = _in_dtype(ga.sum(0), ctx.gate_dtypes[1])
-            gm = torch.mul(g, m_out, out=ga)
+            gm = g * m_out if torch.is_grad_enabled() else torch.mul(g, m_out, out=ga)
         else:
             gm = g * m_out
         if need_x or (need_in and m_in is not None):
@@ -161,19 +162,20 @@ class _OutMaskedLinearTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, m_out):
         m = _in_dtype(m_out, weight.dtype)
-        w = weight * m[:, None]
-        y = F.linear(x2, w, None if bias is None else bias * m)
-        ctx.save_for_backward(x2, weight, bias, m, w)
+        y = F.linear(x2, weight * m[:, None], None if bias is None else bias * m)
+        ctx.save_for_backward(x2, weight, bias, m)
         ctx.gate_dtype = m_out.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, weight, bias, m, w = ctx.saved_tensors
+        # Wm is recomputed from the saved inputs (a small weight-sized product): a backward that
+        # is itself differentiated (create_graph=True) then sees how it depends on W and m_out.
+        x2, weight, bias, m = ctx.saved_tensors
         need_x, need_w, need_b, need_out = ctx.needs_input_grad
         dx = dw = db = dm_out = None
         if need_x:
-            dx = grad_y @ w
+            dx = grad_y @ (weight * m[:, None])
         g_sum = grad_y.sum(0) if (need_b or need_out) and bias is not None else None
         if need_w or need_out:
             d = grad_y.t() @ x2
@@ -182,8 +184,8 @@ class _OutMaskedLinearTorch(torch.autograd.Function):
                 if g_sum is not None:
                     dm_out = dm_out.add_(g_sum * bias)
                 dm_out = _in_dtype(dm_out, ctx.gate_dtype)
-            if need_w:
-                dw = d.mul_(m[:, None])
+            if need_w:  # in place unless recorded: d is saved by (d * weight) under create_graph
+                dw = d * m[:, None] if torch.is_grad_enabled() else d.mul_(m[:, None])
         if need_b and bias is not None:
             db = g_sum * m
         return dx, dw, db, dm_out

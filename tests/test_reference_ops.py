@@ -355,3 +355,22 @@ def test_hard_concrete_parts_are_the_concatenation_sampled_at_once():
         hard_concrete_parts(parts, seed=11, uniform=uniform[:-1])
     with pytest.raises(ValueError, match="hard_concrete_parts: `log_alphas` must hold at least one tensor"):
         hard_concrete_parts([], seed=1)
+
+
+@pytest.mark.parametrize("rows", [5, 40])  # fewer / more rows than input features: both torch paths
+@pytest.mark.parametrize("gate_in", [False, True])
+def test_masked_linear_torch_backend_second_order_gradients_match_the_reference(rows, gate_in):
+    """A loss on the input gradient (create_graph=True, as physics-informed losses do) differentiates
+    the torch backend's backward itself: it must record it and give the reference's gradients."""
+    x = _f64(rows, 9)
+    w, b = _f64(7, 9), _f64(7)
+    gi = torch.rand(9, dtype=torch.float64, requires_grad=True) if gate_in else None
+    go = torch.rand(7, dtype=torch.float64, requires_grad=True)
+    params = [t for t in (w, b, gi, go) if t is not None]
+    grads = []
+    for fn in (masked_linear, masked_linear_reference):
+        y = torch.tanh(fn(x, w, b, gi, go))
+        dx, = torch.autograd.grad(y.sum(), x, create_graph=True)
+        grads.append(torch.autograd.grad(dx.square().sum(), params))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)

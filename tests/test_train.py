@@ -417,6 +417,25 @@ def test_closed_form_cost_gradient_matches_autograd_on_the_architecture_zoo(name
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
 
 
+def test_cost_gradient_is_differentiable_again_under_create_graph():
+    """A loss on the gradient (create_graph=True) differentiates the training step's cost a second
+    time: the closed-form node must give autograd's second derivatives, not constants."""
+    model, x = mlp_zoo()["residual"]
+    gated = lumos.gate(model, x)
+    with torch.no_grad():  # every gate inside the band, where p_open (1 - p_open) is large
+        for _, gate in lumos.gates_of(gated):
+            gate.log_alpha.uniform_(-2.0, 2.0, generator=torch.Generator().manual_seed(4))
+    costs = cost_model(gated)
+    logits = [gate.log_alpha for gate in costs.gates]
+    second = []
+    for expected in (costs.expected_and_soft_kept("params")[0], costs.expected("params")):
+        first = torch.autograd.grad(expected, logits, create_graph=True)
+        second.append(torch.autograd.grad(sum(g.square().sum() for g in first), logits))
+    assert max(float(g.abs().max()) for g in second[1]) > 1.0  # a real second derivative to compare
+    for got, want in zip(*second):
+        torch.testing.assert_close(got, want)
+
+
 def test_closed_form_cost_gradient_with_a_layer_input_gate():
     """A GatedLinear with its own input gate: its input width is the product of two gates' p_open."""
     torch.manual_seed(0)
