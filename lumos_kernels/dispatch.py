@@ -84,6 +84,12 @@ def wanted(grads: Iterable[torch.Tensor], needs: Iterable[bool]) -> tuple:
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
+def in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``: itself when it already is (the ops call this per gate tensor on every
+    step, where an ``aten::to`` that copies nothing still costs its dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def check_float(op: str, name: str, tensor: torch.Tensor | None) -> None:
     """Raise TypeError naming ``name`` unless ``tensor`` is None or floating point."""
     if tensor is not None and not tensor.is_floating_point():

@@ -318,9 +318,7 @@ class _HardConcreteTorch(torch.autograd.Function):
 def _as_part(flat: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """A 1-D piece of a flat buffer in the shape and dtype of its part (itself when they match:
     the common case of 1-D gates, where a view and a cast per gate would cost more than the math)."""
-    if flat.shape != shape:
-        flat = flat.reshape(shape)
-    return flat if flat.dtype == dtype else flat.to(dtype)
+    return dispatch.in_dtype(flat if flat.shape == shape else flat.reshape(shape), dtype)
 
 
 def hard_concrete_reference(log_alpha, seed, offset, training, t_l=T_LOW, t_u=T_UP,

@@ -99,8 +99,8 @@ class _MaskedLinearTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, m_in, m_out):
         n = weight.shape[0]
-        m_in_w = None if m_in is None else _in_dtype(m_in, weight.dtype)
-        m_out_w = None if m_out is None else _in_dtype(m_out, weight.dtype)
+        m_in_w = None if m_in is None else dispatch.in_dtype(m_in, weight.dtype)
+        m_out_w = None if m_out is None else dispatch.in_dtype(m_out, weight.dtype)
         xs, w = x2, weight
         if m_in_w is not None:
             if x2.shape[0] <= n:
@@ -127,14 +127,14 @@ class _MaskedLinearTorch(torch.autograd.Function):
             # (g * a) once, then its buffer takes g * m_out: one activation-sized buffer, not two
             # (unless this backward is itself recorded, create_graph=True: out= has no gradient)
             ga = g * a
-            dm_out = _in_dtype(ga.sum(0), ctx.gate_dtypes[1])
+            dm_out = dispatch.in_dtype(ga.sum(0), ctx.gate_dtypes[1])
             gm = g * m_out if torch.is_grad_enabled() else torch.mul(g, m_out, out=ga)
         else:
             gm = g * m_out
         if need_x or (need_in and m_in is not None):
             p = gm @ weight  # (M, K)
             if need_in and m_in is not None:
-                dm_in = _in_dtype((p * x2).sum(0), ctx.gate_dtypes[0])
+                dm_in = dispatch.in_dtype((p * x2).sum(0), ctx.gate_dtypes[0])
             if need_x:
                 dx = p if m_in is None else p.mul_(m_in)
         if need_w:
@@ -161,7 +161,7 @@ class _OutMaskedLinearTorch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias, m_out):
-        m = _in_dtype(m_out, weight.dtype)
+        m = dispatch.in_dtype(m_out, weight.dtype)
         y = F.linear(x2, weight * m[:, None], None if bias is None else bias * m)
         ctx.save_for_backward(x2, weight, bias, m)
         ctx.gate_dtype = m_out.dtype
@@ -183,7 +183,7 @@ class _OutMaskedLinearTorch(torch.autograd.Function):
                 dm_out = (d * weight).sum(1)
                 if g_sum is not None:
                     dm_out = dm_out.add_(g_sum * bias)
-                dm_out = _in_dtype(dm_out, ctx.gate_dtype)
+                dm_out = dispatch.in_dtype(dm_out, ctx.gate_dtype)
             if need_w:  # in place unless recorded: d is saved by (d * weight) under create_graph
                 dw = d * m[:, None] if torch.is_grad_enabled() else d.mul_(m[:, None])
         if need_b and bias is not None:
@@ -202,11 +202,6 @@ def _masked_linear_torch(x, weight, bias, m_in, m_out):
     else:
         y = _MaskedLinearTorch.apply(x2, weight, bias, m_in, m_out)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
-
-
-def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype`` (itself when it already is: a step calls this per gated layer)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _has_work(x, weight) -> bool:
