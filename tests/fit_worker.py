@@ -13,6 +13,7 @@ step N and sleeps, for the test to kill it there.
 """
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,13 +43,20 @@ def launch(*args, nproc: int = 1, pause_at: int | None = None, kill_rank: int = 
                           text=True) as process:
         for line in process.stdout:
             lines.append(line)
-            if line.startswith(f"paused rank {kill_rank} "):
-                os.kill(int(line.split()[-1]), signal.SIGKILL)
+            paused = re.search(rf"paused rank {kill_rank} pid (\d+)\n", line)
+            if paused:
+                os.kill(int(paused.group(1)), signal.SIGKILL)
                 break
         lines.extend(process.stdout)
         process.wait(timeout=120)
     assert process.returncode != 0, "".join(lines)[-3000:]
     return subprocess.CompletedProcess(command, process.returncode, "".join(lines), "")
+
+
+def say(text: str) -> None:
+    """Write ``text`` and its newline in one write: the ranks under torchrun share one pipe, and a
+    line written in one piece (under PIPE_BUF bytes) is never split by another rank's output."""
+    os.write(sys.stdout.fileno(), f"{text}\n".encode())
 
 
 class Recorder(lumos.Callback):
@@ -57,9 +65,9 @@ class Recorder(lumos.Callback):
 
     def on_step_end(self, loop, task_loss):
         self.losses.append(float(task_loss))
-        print(f"step {loop.step}", flush=True)
+        say(f"step {loop.step}")
         if loop.step == self.pause_at:
-            print(f"paused rank {os.environ.get('RANK', 0)} pid {os.getpid()}", flush=True)
+            say(f"paused rank {os.environ.get('RANK', 0)} pid {os.getpid()}")
             time.sleep(600)
 
 
@@ -96,7 +104,7 @@ def main() -> None:
     torch.save({"state": gated.state_dict(), "losses": losses, "masks": masks, "compacted": compacted.state_dict(),
                 "history": history.epochs, "resumed_from": history.resumed_from,
                 "compacted_out": compacted(work.val[0]).detach()}, out)
-    print("done", flush=True)
+    say("done")
 
 
 if __name__ == "__main__":
