@@ -338,9 +338,9 @@ class _ExpectedCost(torch.autograd.Function):
             ctx.save_for_backward(p, e_in[0], e_out[0])
         ctx.costs, ctx.kind, ctx.sizes, ctx.scale = costs, kind, [t.numel() for t in logits], scale
         ctx.logits = logits  # only for a backward that is itself differentiated (see backward)
-        ctx.mark_non_differentiable(kept)
         if scale != 1.0:
             expected, kept = expected * scale, kept * scale
+        ctx.mark_non_differentiable(kept)
         return expected, kept
 
     @staticmethod

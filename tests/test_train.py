@@ -1,4 +1,5 @@
 """Penalty, budget controller and fit: costs, errors, the loop's pieces, and bad input."""
+import copy
 import math
 import warnings
 
@@ -286,8 +287,11 @@ def _count_reads(monkeypatch, fn):
 
 
 def test_gated_training_steps_read_nothing_back_beyond_a_plain_step(gated_mlp, monkeypatch):
+    """With the controller's state in tensors, as on an accelerator (on CPU it reads its two
+    scalars: see the next test)."""
     x, y = torch.randn(64, 6), torch.randn(64, 2)
     optimizer = torch.optim.Adam(lumos.param_groups(gated_mlp, lr=1e-3))
+    monkeypatch.setattr(lumos.BudgetController, "host_scalars_on_cpu", False)
     controller = lumos.BudgetController(gated_mlp, target=0.3, total_steps=100)
     lumos.train_step(gated_mlp, (x,), y, optimizer, controller=controller)  # builds the cost model
 
@@ -340,6 +344,50 @@ def test_a_run_that_ends_above_its_target_says_so():
         history = lumos.fit(gated, (x, y), target=0.2, epochs=2, batch_size=64, progress=False,
                             controller_options=dict(lock=None))
     assert history.target_met is False
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_controller_scalars_on_the_host_give_the_device_path_numbers_bit_for_bit(monkeypatch, relative):
+    """On CPU the controller keeps lam, its integral and soft_kept as Python floats; on an
+    accelerator as 0-dim float64 tensors. Both paths give the same run, bit for bit: warm-up,
+    annealing, the lock, a saturated lam, and a checkpoint taken on one path resumed on the other."""
+    x, y = torch.randn(128, 6, generator=torch.Generator().manual_seed(0)), torch.randn(128, 2)
+
+    def run(host: bool, steps: int = 40, resume_from: dict | None = None):
+        monkeypatch.setattr(lumos.BudgetController, "host_scalars_on_cpu", host)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 32), nn.SiLU(), nn.Linear(32, 32), nn.SiLU(), nn.Linear(32, 2))
+        gated = lumos.gate(model, x[:8])
+        optimizer = torch.optim.Adam(lumos.param_groups(gated, lr=1e-2))
+        controller = lumos.BudgetController(gated, target=0.3, total_steps=steps, warmup=0.1, anneal=0.4, lock=0.8,
+                                            kp=30.0, lam_max=5.0, relative=relative)
+        assert controller._on_host is host
+        trace = []
+        for step in range(steps):
+            if resume_from is not None and step == steps // 2:
+                gated.load_state_dict(resume_from["model"])
+                optimizer.load_state_dict(resume_from["optimizer"])
+                gated.gate_sampler.load_state_dict(resume_from["sampler"])
+                controller.load_state_dict(resume_from["controller"])
+            if step == steps // 2:
+                saved = {"model": {k: v.clone() for k, v in gated.state_dict().items()},
+                         "optimizer": copy.deepcopy(optimizer.state_dict()), "sampler": gated.gate_sampler.state_dict(),
+                         "controller": controller.state_dict()}
+            lumos.train_step(gated, (x[step % 2::2],), y[step % 2::2], optimizer, controller=controller)
+            trace.append((controller.lam, controller.expected, controller.saturated, controller.locked))
+        return trace, gated.state_dict(), controller.state_dict(), saved
+
+    host, device = run(True), run(False)
+    assert host[0] == device[0]
+    assert any(saturated for _, _, saturated, _ in host[0]) and host[0][-1][3]  # lam_max hit, then locked
+    for a, b in ((host[1], device[1]), (host[2], device[2])):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    resumed = run(False, resume_from=host[3])  # a CPU checkpoint resumed on the tensor path, and back
+    assert resumed[0] == host[0]
+    assert run(True, resume_from=device[3])[0] == host[0]
 
 
 def test_lam_is_bounded(gated_mlp):

@@ -72,7 +72,8 @@ def test_readme_own_loop_recipe_reaches_its_target_with_the_relevant_inputs(seed
 def test_train_step_samples_once_evaluates_cost_once_and_reads_nothing_back(in_band, monkeypatch):
     """The structure of a gated training step (issue 10): one sampling call, one vectorised cost
     evaluation, no walk over the model's modules and no host read-back, inside the stochastic
-    band and outside it."""
+    band and outside it. (The controller's state kept in tensors as on an accelerator: on CPU it
+    reads its two scalars, which costs nothing there.)"""
     from torch import nn
     from torch.profiler import ProfilerActivity, profile
 
@@ -88,6 +89,7 @@ def test_train_step_samples_once_evaluates_cost_once_and_reads_nothing_back(in_b
             for _, gate in lumos.gates_of(gated):
                 gate.log_alpha.uniform_(-1.0, 1.0)
     optimizer = torch.optim.SGD(lumos.param_groups(gated, lr=1e-3))  # Adam reads its step count back on CPU
+    monkeypatch.setattr(lumos.BudgetController, "host_scalars_on_cpu", False)
     controller = lumos.BudgetController(gated, target=0.3, total_steps=10**6, warmup=0.0)
     for _ in range(2):
         lumos.train_step(gated, (x,), y, optimizer, controller=controller)

@@ -68,8 +68,10 @@ class BudgetController:
        its weights. If that has not happened by ``lock``, :func:`lock_to_budget` fixes the
        largest model within ``target`` by ranking ``log_alpha``.
 
-    With ``lock=None`` the controller keeps tracking ``target`` to the end. Everything stays on
-    the device: no step reads a value back to the host.
+    With ``lock=None`` the controller keeps tracking ``target`` to the end. On an accelerator
+    everything stays on the device: no step reads a value back to the host. On CPU, where
+    reading a tensor's value costs nothing, the controller's scalars are Python floats (the
+    same float64 numbers, without a dozen 0-dim tensor ops per step).
 
     Args:
         model: the gated model.
@@ -93,6 +95,8 @@ class BudgetController:
         loss = task + controller.penalty(task)
         loss.backward(); optimizer.step(); controller.step()
     """
+
+    host_scalars_on_cpu = True  # False: keep the PI state in tensors on CPU too, as on an accelerator (tests)
 
     def __init__(self, model: nn.Module, target: float, total_steps: int | None = None, cost: str = "params", *,
                  warmup: float = 0.2, anneal: float = 0.5, lock: float | None = 0.75, dual_lr: float = 1.0,
@@ -124,9 +128,17 @@ class BudgetController:
         self.locked = False
         device = gates_of(model)[0][1].log_alpha.device
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        self._lam, self._integral, self._expected, self._kept = zero.clone(), zero.clone(), zero + 1.0, zero + 1.0
-        self._soft_kept = zero + 1.0
-        self._saturated = torch.zeros((), dtype=torch.bool, device=device)
+        self._expected, self._kept = zero + 1.0, zero + 1.0
+        # The PI state (lam, integral, soft_kept, saturated): 0-dim float64 tensors on an accelerator,
+        # so that no step reads a value back; Python floats on CPU, where reading a tensor's value
+        # costs nothing and a dozen 0-dim tensor ops cost more than the rest of the controller (the
+        # same IEEE float64 arithmetic: the same numbers).
+        self._on_host = device.type == "cpu" and self.host_scalars_on_cpu
+        if self._on_host:
+            self._lam, self._integral, self._soft_kept, self._saturated = 0.0, 0.0, 1.0, False
+        else:
+            self._lam, self._integral, self._soft_kept = zero.clone(), zero.clone(), zero + 1.0
+            self._saturated = torch.zeros((), dtype=torch.bool, device=device)
         self._locked = torch.zeros((), dtype=torch.bool, device=device)
         self._units: torch.Tensor | None = None  # eval-mask units at the last penalty() after the annealing
         self._last = (self._kept, None)  # the measurement before that
@@ -145,7 +157,7 @@ class BudgetController:
         costs = cost_model(self.model)
         expected, soft_kept = costs.expected_and_soft_kept(self.cost, normalize=True)  # one vectorised evaluation
         self._expected = expected.detach()
-        self._soft_kept = soft_kept.double()  # the controller computes in float64
+        self._soft_kept = soft_kept.item() if self._on_host else soft_kept.double()  # the controller computes in float64
         if self._measures_kept():
             with torch.no_grad():
                 units = costs.kept_units()
@@ -153,8 +165,12 @@ class BudgetController:
                 self._kept, self._units = costs.actual_tensor(self.cost, units) / costs.dense[self.cost], units
         weight = self._lam
         if self.relative and task_loss is not None:
-            weight = weight * task_loss.detach()
-        return weight.to(expected.dtype) * expected  # the weight carries no gradient: one product in the graph
+            weight = weight * (task_loss.detach().item() if self._on_host else task_loss.detach())
+        if not self._on_host:
+            return weight.to(expected.dtype) * expected  # the weight carries no gradient: one product in the graph
+        if expected.dtype not in (torch.float32, torch.float64):  # torch would multiply by the float unrounded
+            weight = torch.tensor(weight, dtype=torch.float64).to(expected.dtype).item()
+        return expected * weight  # torch rounds the float to float32 first, as weight.to(float32) does
 
     def _measures_kept(self) -> bool:
         """Once the budget is within twice the target and until the lock, the eval masks' fraction
@@ -170,14 +186,14 @@ class BudgetController:
         if self.locked:
             pass
         elif self.steps < self.warmup * self.total_steps:
-            self._lam = torch.zeros_like(self._lam)
+            self._lam = _zero(self._lam)
         else:
             budget = self.budget()
-            error = ((self._soft_kept - budget) / budget).clamp(-1.0, 1.0)
-            self._integral = (self._integral + self.dual_lr * error).clamp(0.0, self.lam_max)
+            error = _clamp((self._soft_kept - budget) / budget, -1.0, 1.0)
+            self._integral = _clamp(self._integral + self.dual_lr * error, 0.0, self.lam_max)
             lam = self._integral + self.kp * error
             self._saturated |= lam >= self.lam_max
-            self._lam = lam.clamp(0.0, self.lam_max)
+            self._lam = _clamp(lam, 0.0, self.lam_max)
             if self._units is not None:
                 self._lock_when_within_target()
         if self.lock_step is not None and not self.locked and self.steps >= self.lock_step:
@@ -185,7 +201,7 @@ class BudgetController:
                 lock_to_budget(self.model, self.target, self.cost)
             self.locked = True
         if self.locked:
-            self._lam = torch.zeros_like(self._lam)
+            self._lam = _zero(self._lam)
         step_gates_(self.model)
 
     def _lock_when_within_target(self) -> None:
@@ -203,7 +219,10 @@ class BudgetController:
         torch._foreach_mul_(logits, 1 - weight)
         torch._foreach_add_(logits, torch._foreach_mul(list(ends.split([l.numel() for l in logits])), weight))
         self._locked |= lock_now
-        self._lam = torch.where(self._locked, torch.zeros_like(self._lam), self._lam)
+        if self._on_host:
+            self._lam = 0.0 if bool(self._locked) else self._lam
+        else:
+            self._lam = torch.where(self._locked, torch.zeros_like(self._lam), self._lam)
 
     @property
     def lam(self) -> float:
@@ -228,18 +247,40 @@ class BudgetController:
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume this controller exactly."""
-        return {"lam": self._lam.clone(), "integral": self._integral.clone(), "expected": self._expected.clone(),
-                "kept": self._kept.clone(), "saturated": self._saturated.clone(), "locked_on_device": self._locked.clone(),
+        return {"lam": _as_state(self._lam), "integral": _as_state(self._integral), "expected": self._expected.clone(),
+                "kept": self._kept.clone(), "saturated": _as_state(self._saturated),
+                "locked_on_device": self._locked.clone(),
                 "units": self._units, "last": self._last, "locked": self.locked,
                 "steps": self.steps, "target": self.target, "cost": self.cost, "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        device = self._lam.device
-        for name in ("lam", "integral", "expected", "kept", "saturated"):
+        device = self._expected.device
+        for name in ("expected", "kept"):
             setattr(self, "_" + name, state[name].to(device))
+        for name in ("lam", "integral", "saturated"):
+            setattr(self, "_" + name, state[name].item() if self._on_host else state[name].to(device))
         self._locked = state["locked_on_device"].to(device)
         self._units, self._last = state["units"], state["last"]
         self.steps, self.locked = int(state["steps"]), bool(state["locked"])
+
+
+def _clamp(value, low: float, high: float):
+    """``value`` (a float, or a 0-dim tensor) clamped into [low, high]; NaN stays NaN, as in torch.clamp."""
+    if isinstance(value, torch.Tensor):
+        return value.clamp(low, high)
+    return value if math.isnan(value) else min(max(value, low), high)
+
+
+def _zero(value):
+    """0 of ``value``'s kind (a float, or a 0-dim tensor)."""
+    return torch.zeros_like(value) if isinstance(value, torch.Tensor) else 0.0
+
+
+def _as_state(value) -> torch.Tensor:
+    """A controller scalar (a float, bool or 0-dim tensor) as the tensor a checkpoint holds."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    return torch.tensor(value, dtype=torch.bool if isinstance(value, bool) else torch.float64)
 
 
 @torch.no_grad()
