@@ -128,12 +128,15 @@ class CostModel:
         self._shift = per_unit(lambda g: g.beta * math.log(-g.gamma / g.zeta))
         self._t_low, self._t_up = per_unit(lambda g: g.t_l), per_unit(lambda g: g.t_u)
         self._kept_above = per_unit(kept_threshold)
-        self._moved: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._centres = torch.stack([self._shift, self._kept_above])  # p_open's and soft_kept's, (2, n_units)
+        self._fixed_params = torch.tensor(self.fixed_params, dtype=torch.float64)
+        self._moved: dict[tuple, torch.Tensor] = {}
         self._linear_widths = self._single_producer and not self._has_in_gates \
             and self.n_units * self.n_layers <= LINEAR_WIDTHS_MAX_ENTRIES
-        if self._linear_widths:
-            self._width_out, self._width_out_fixed = self._width_matrix(self._out_group, self._out_layer)
-            self._width_in, self._width_in_fixed = self._width_matrix(self._in_group, self._in_layer)
+        if self._linear_widths:  # [E[in] | E[out]] = p @ [A_in | A_out] + [c_in | c_out]: one product
+            (a_in, c_in), (a_out, c_out) = (self._width_matrix(self._in_group, self._in_layer),
+                                            self._width_matrix(self._out_group, self._out_layer))
+            self._widths_matrix, self._widths_fixed = torch.cat([a_in, a_out], 1), torch.cat([c_in, c_out])
 
         with torch.no_grad():
             every_group, every_unit = torch.ones(self.n_groups, dtype=torch.float64), torch.ones(self.n_units, dtype=torch.float64)
@@ -157,13 +160,14 @@ class CostModel:
         first = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
         return first.shape[0] if first.dim() > 1 else 1
 
-    def _on(self, name: str, like: torch.Tensor) -> torch.Tensor:
+    def _on(self, name, like: torch.Tensor, make=None) -> torch.Tensor:
         """Index or constant tensor ``name`` on ``like``'s device (float ones in its dtype),
-        copied there once: the penalty runs every training step."""
+        copied there once: the penalty runs every training step. ``make``: builds the tensor
+        (float64 or integer) when ``name`` is a key, not an attribute."""
         key = (name, like.device, like.dtype)
         moved = self._moved.get(key)
         if moved is None:
-            value = getattr(self, name)
+            value = getattr(self, name) if make is None else make()
             moved = value.to(like.device) if not value.is_floating_point() else value.to(like.device, like.dtype)
             self._moved[key] = moved
         return moved
@@ -177,12 +181,13 @@ class CostModel:
         return self._cost_of_widths(*self._widths(q, p_unit), kind)
 
     def _widths_of_p(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(E[in], E[out])`` from every unit's ``p`` ``(..., n_units)``: two matrix products when
-        the widths are linear in ``p`` (:meth:`_width_matrix`), else through ``q`` (:meth:`_widths`)."""
+        """``(E[in], E[out])``, each ``(k, n_layers)``, from ``k`` models' unit probabilities ``p``
+        ``(k, n_units)``: one matrix product when the widths are linear in ``p``
+        (:meth:`_width_matrix`), else through ``q`` (:meth:`_widths`)."""
         if not self._linear_widths:
             return self._widths(self._q_expected(p), p)
-        return (p @ self._on("_width_in", p) + self._on("_width_in_fixed", p),
-                p @ self._on("_width_out", p) + self._on("_width_out_fixed", p))
+        widths = torch.addmm(self._on("_widths_fixed", p), p, self._on("_widths_matrix", p))
+        return widths.split(self.n_layers, -1)
 
     def _widths(self, q: torch.Tensor, p_unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E[in], E[out])``, each ``(..., n_layers)``: every layer's expected input and output width."""
@@ -198,18 +203,22 @@ class CostModel:
 
     def _cost_of_widths(self, e_in: torch.Tensor, e_out: torch.Tensor, kind: str) -> torch.Tensor:
         pairs = e_in * e_out
-        if kind == "params":
-            return pairs @ self._on("_weight_per_pair", e_in) + e_out @ self._on("_bias", e_in) + self.fixed_params
-        return pairs @ self._on("_flops_per_pair", e_in)
+        if kind != "params":
+            return pairs @ self._on("_flops_per_pair", e_in)
+        if pairs.dim() == 2:  # several models (the training step's two): fused matrix-vector products
+            with_bias = torch.addmv(self._on("_fixed_params", e_in), e_out, self._on("_bias", e_in))
+            return torch.addmv(with_bias, pairs, self._on("_weight_per_pair", e_in))
+        return pairs @ self._on("_weight_per_pair", e_in) + e_out @ self._on("_bias", e_in) + self.fixed_params
 
     def _grad_p(self, p: torch.Tensor, e_in: torch.Tensor, e_out: torch.Tensor, kind: str) -> torch.Tensor:
         """``(n_units,)`` d cost / d p_open of one model (``p`` ``(n_units,)`` and the widths from
         :meth:`_widths_of_p`), in closed form: the cost is ``sum_l w_l E[in]_l E[out]_l
         (+ b_l E[out]_l)`` and each width sums ``q`` (times a layer's own input gate)."""
         per_pair = self._on("_weight_per_pair" if kind == "params" else "_flops_per_pair", p)
-        d_out = per_pair * e_in + (self._on("_bias", p) if kind == "params" else 0.0)  # d cost / d E[out]
+        # d cost / d E[out]
+        d_out = torch.addcmul(self._on("_bias", p), per_pair, e_in) if kind == "params" else per_pair * e_in
         if self._linear_widths:
-            return self._on("_width_out", p) @ d_out + self._on("_width_in", p) @ (per_pair * e_out)
+            return self._on("_widths_matrix", p) @ torch.cat([per_pair * e_out, d_out])
         q = self._q_expected(p)
         d_in = (per_pair * e_out)[self._on("_in_layer", p)]  # d cost / d in_alive, per input entry
         d_q = p.new_zeros(self.n_groups + 1).index_add_(0, self._on("_out_group", p), d_out[self._on("_out_layer", p)])
@@ -327,19 +336,21 @@ class _ExpectedCost(torch.autograd.Function):
     def forward(ctx, costs, kind, temperature, scale, *logits):
         ctx.set_materialize_grads(False)
         log_alpha = torch.cat(logits) if len(logits) > 1 else logits[0]
-        p = torch.sigmoid(log_alpha - costs._on("_shift", log_alpha))
-        soft = torch.sigmoid((log_alpha - costs._on("_kept_above", log_alpha)) / temperature)
+        # rows: p = sigmoid(log_alpha - shift) and soft = sigmoid((log_alpha - kept_above) / temperature)
+        divisors = costs._on(("divisors", temperature), log_alpha,
+                             lambda: torch.tensor([[1.0], [temperature]], dtype=torch.float64))
+        both = torch.sigmoid((log_alpha - costs._on("_centres", log_alpha)) / divisors)
+        p = both[0]
         if kind == "count":
-            expected, kept = p.sum(), soft.sum()
+            cost = both.sum(-1)
             ctx.save_for_backward(p)
         else:
-            e_in, e_out = costs._widths_of_p(torch.stack([p, soft]))
-            expected, kept = costs._cost_of_widths(e_in, e_out, kind).unbind()
+            e_in, e_out = costs._widths_of_p(both)
+            cost = costs._cost_of_widths(e_in, e_out, kind)
             ctx.save_for_backward(p, e_in[0], e_out[0])
         ctx.costs, ctx.kind, ctx.sizes, ctx.scale = costs, kind, [t.numel() for t in logits], scale
         ctx.logits = logits  # only for a backward that is itself differentiated (see backward)
-        if scale != 1.0:
-            expected, kept = expected * scale, kept * scale
+        expected, kept = (cost * scale if scale != 1.0 else cost).unbind()
         ctx.mark_non_differentiable(kept)
         return expected, kept
 
@@ -354,7 +365,7 @@ class _ExpectedCost(torch.autograd.Function):
             return (None, None, None, None, *grads)
         p, *widths = ctx.saved_tensors
         d_p = torch.ones_like(p) if ctx.kind == "count" else ctx.costs._grad_p(p, *widths, ctx.kind)
-        grad = d_p.mul_(grad_expected * ctx.scale).mul_(p * (1 - p))
+        grad = torch.ops.aten.sigmoid_backward(d_p.mul_(grad_expected * ctx.scale), p)  # times p (1 - p)
         return (None, None, None, None, *grad.split(ctx.sizes))
 
 
