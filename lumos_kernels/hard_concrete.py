@@ -225,10 +225,11 @@ def log_alpha_bounds(t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA, 
     return closed_max, open_min
 
 
-def _gate_z(work, key, offset, training, beta, gamma, zeta, noise_range, uniform=None):
+def _gate_z(work, key, offset, training, beta, gamma, zeta, noise_range, uniform=None, low=0.0, high=1.0):
     """``z`` of the module docstring's formulas for compute-dtype logits ``work`` (differentiable
     in ``work`` where autograd records); ``uniform``: the uniforms of these gates when the caller
-    already has them (bit-identical to what ``(key, offset)`` gives)."""
+    already has them (bit-identical to what ``(key, offset)`` gives). ``low``, ``high``: the
+    clamp's bounds (bool tensors: a gate forced to 1 or 0 gets the bounds [1, 1] or [0, 0])."""
     if not training:
         s = torch.sigmoid(work)
     else:
@@ -240,7 +241,7 @@ def _gate_z(work, key, offset, training, beta, gamma, zeta, noise_range, uniform
                 u = u.mul(1.0 - 2.0 * noise_range).add_(noise_range)
             noise = torch.logit(u, eps=U_EPS)
         s = torch.sigmoid((work + noise) * (1.0 / beta))
-    return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
+    return (s * (zeta - gamma) + gamma).clamp(low, high)
 
 
 def _forced(work, t_l, t_u, beta, gamma, zeta):
@@ -263,8 +264,8 @@ def _compute_input(log_alpha: torch.Tensor) -> torch.Tensor:
 
 class _HardConcreteTorch(torch.autograd.Function):
     """The torch backend for the gates of one or several logit tensors, sampled as their
-    concatenation: ``(*masks, dm, p_open_sum)`` computed without recording a graph, as the
-    Triton kernel computes them, and the closed-form backward of the Triton op
+    concatenation: ``(*masks, dm)`` (and ``p_open_sum`` when asked for) computed without
+    recording a graph, as the Triton kernel computes them, and the closed-form backward of the Triton op
     (:func:`_hard_concrete_backward`): a sampling call is a few dozen tensor ops on small
     vectors, whose cost is their dispatch, so one backward node replaces autograd's dozen (and
     the concatenation's and split's). A single tensor's mask is a new tensor that no backward
@@ -278,27 +279,30 @@ class _HardConcreteTorch(torch.autograd.Function):
         flat = log_alphas[0] if len(log_alphas) == 1 else torch.cat([_as_part(la, (la.numel(),), la.dtype)
                                                                       for la in log_alphas])
         work = _compute_input(flat)
-        z = _gate_z(work, key, offset, training, beta, gamma, zeta, noise_range, uniform)
-        m = _thresholded(z, *_forced(work, t_l, t_u, beta, gamma, zeta))
+        # the thresholds as the clamp's bounds: _thresholded's mask in one op instead of three (a NaN
+        # logit's z is NaN either way)
+        closed_max, open_min = log_alpha_bounds(t_l, t_u, beta, gamma, zeta, work.dtype)
+        m = _gate_z(work, key, offset, training, beta, gamma, zeta, noise_range, uniform,
+                    low=work >= open_min, high=work > closed_max)
         live = (m > 0) & (m < 1)  # inside the band and not clamped: where m = z has a slope
         slope = (m - gamma).mul_(zeta - m).mul_(1.0 / ((zeta - gamma) * (beta if training else 1.0)))
         dm = torch.where(live, slope, 0.0)
-        total = p_open(work, beta, gamma, zeta).sum() if with_sum else work.new_zeros(())
         ctx.save_for_backward(work, dm)
         ctx.mark_non_differentiable(dm)
         ctx.distribution = (beta, gamma, zeta)
         ctx.parts = [(la.shape, la.numel(), la.dtype) for la in log_alphas]
+        ctx.with_sum = with_sum
         if len(log_alphas) == 1:
             masks = (m.to(flat.dtype),)
         else:
             masks = tuple(_as_part(part, shape, dtype) for part, (shape, _, dtype)
                           in zip(m.split([n for _, n, _ in ctx.parts]), ctx.parts))
-        return (*masks, dm, total)
+        return (*masks, dm, p_open(work, beta, gamma, zeta).sum()) if with_sum else (*masks, dm)
 
     @staticmethod
     def backward(ctx, *grads):
         work, dm = ctx.saved_tensors
-        grad_masks, grad_sum = grads[:-2], grads[-1]
+        grad_masks, grad_sum = grads[:len(ctx.parts)], grads[-1] if ctx.with_sum else None
         if all(g is None for g in grad_masks) and grad_sum is None:
             return (None,) * (11 + len(ctx.parts))
         if len(grad_masks) == 1:
@@ -437,7 +441,8 @@ def hard_concrete(log_alpha: torch.Tensor, seed: int | torch.Tensor, offset: int
         m, _, p_open_sum = _hard_concrete_op(log_alpha, _seed_tensor(seed), as_int64(offset), *args)
     else:
         key = _torch_key(seed, log_alpha)
-        m, _, p_open_sum = _HardConcreteTorch.apply(key, int(offset), *args, return_p_open_sum, None, log_alpha)
+        outputs = _HardConcreteTorch.apply(key, int(offset), *args, return_p_open_sum, None, log_alpha)
+        m, p_open_sum = outputs[0], outputs[-1]  # (m, dm) or (m, dm, p_open_sum)
     return (m, p_open_sum) if return_p_open_sum else m
 
 
@@ -478,7 +483,7 @@ def hard_concrete_parts(log_alphas: Sequence[torch.Tensor], seed: int | torch.Te
         raise ValueError(f"{op}: `uniform` must hold one number per gate, got shape {tuple(uniform.shape)}")
     outputs = _HardConcreteTorch.apply(_torch_key(seed, first), int(offset), *args, False,
                                        uniform if args[0] else None, *log_alphas)
-    return outputs[:-2]
+    return outputs[:-1]
 
 
 def _checked_args(op, log_alphas, seed, training, t_l, t_u, beta, gamma, zeta, noise_range) -> tuple:
@@ -497,5 +502,6 @@ def _checked_args(op, log_alphas, seed, training, t_l, t_u, beta, gamma, zeta, n
 def _torch_key(seed, log_alpha: torch.Tensor):
     """The key as the torch backend takes it: an int, or a 0-dim int64 tensor (never read back)."""
     if isinstance(seed, torch.Tensor):  # stays where it is: a CPU scalar adds to any device's tensor
-        return seed.reshape(()).to(dtype=torch.int64, device="cpu" if seed.is_cpu else log_alpha.device)
+        seed = seed if seed.dim() == 0 else seed.reshape(())  # a 0-dim key, the sampler's: no op
+        return seed.to(dtype=torch.int64, device="cpu" if seed.is_cpu else log_alpha.device)
     return _seed_tensor(seed) if torch.compiler.is_compiling() else as_int64(seed)
