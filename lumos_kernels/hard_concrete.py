@@ -286,7 +286,7 @@ class _HardConcreteTorch(torch.autograd.Function):
                     low=work >= open_min, high=work > closed_max)
         live = (m > 0) & (m < 1)  # inside the band and not clamped: where m = z has a slope
         slope = (m - gamma).mul_(zeta - m).mul_(1.0 / ((zeta - gamma) * (beta if training else 1.0)))
-        dm = torch.where(live, slope, 0.0)
+        dm = torch.where(live, slope, live)  # 0 elsewhere (False as a float), without wrapping a scalar
         ctx.save_for_backward(work, dm)
         ctx.mark_non_differentiable(dm)
         ctx.distribution = (beta, gamma, zeta)
