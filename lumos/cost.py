@@ -309,7 +309,26 @@ class CostModel:
         detached and in the gates' dtype (``soft_kept`` alone is float64). ``normalize``: both
         as fractions of the dense model's cost."""
         scale = 1.0 / self.dense[kind] if normalize else 1.0
-        return _ExpectedCost.apply(self, kind, temperature, scale, *[g.log_alpha for g in self.gates])
+        logits = [g.log_alpha for g in self.gates]
+        if not torch.is_grad_enabled():  # no graph to record: the evaluation alone
+            return self._expected_and_soft_kept(kind, temperature, scale, logits)[:2]
+        return _ExpectedCost.apply(self, kind, temperature, scale, *logits)
+
+    def _expected_and_soft_kept(self, kind: str, temperature: float, scale: float, logits) -> tuple:
+        """``(expected, soft_kept, saved)``: the evaluation of :meth:`expected_and_soft_kept` without
+        a graph, and what :meth:`_grad_p` needs: ``(p,)`` or ``(p, E[in], E[out])`` of the expected row."""
+        log_alpha = torch.cat(logits) if len(logits) > 1 else logits[0]
+        # rows: p = sigmoid(log_alpha - shift) and soft = sigmoid((log_alpha - kept_above) / temperature)
+        divisors = self._on(("divisors", temperature), log_alpha,
+                            lambda: torch.tensor([[1.0], [temperature]], dtype=torch.float64))
+        both = torch.sigmoid((log_alpha - self._on("_centres", log_alpha)) / divisors)
+        if kind == "count":
+            cost, saved = both.sum(-1), (both[0],)
+        else:
+            e_in, e_out = self._widths_of_p(both)
+            cost, saved = self._cost_of_widths(e_in, e_out, kind), (both[0], e_in[0], e_out[0])
+        expected, kept = (cost * scale if scale != 1.0 else cost).unbind()
+        return expected, kept, saved
 
     @torch.no_grad()
     def actual_tensor(self, kind: str, kept_units: torch.Tensor) -> torch.Tensor:
@@ -335,22 +354,10 @@ class _ExpectedCost(torch.autograd.Function):
     @staticmethod
     def forward(ctx, costs, kind, temperature, scale, *logits):
         ctx.set_materialize_grads(False)
-        log_alpha = torch.cat(logits) if len(logits) > 1 else logits[0]
-        # rows: p = sigmoid(log_alpha - shift) and soft = sigmoid((log_alpha - kept_above) / temperature)
-        divisors = costs._on(("divisors", temperature), log_alpha,
-                             lambda: torch.tensor([[1.0], [temperature]], dtype=torch.float64))
-        both = torch.sigmoid((log_alpha - costs._on("_centres", log_alpha)) / divisors)
-        p = both[0]
-        if kind == "count":
-            cost = both.sum(-1)
-            ctx.save_for_backward(p)
-        else:
-            e_in, e_out = costs._widths_of_p(both)
-            cost = costs._cost_of_widths(e_in, e_out, kind)
-            ctx.save_for_backward(p, e_in[0], e_out[0])
+        expected, kept, saved = costs._expected_and_soft_kept(kind, temperature, scale, logits)
+        ctx.save_for_backward(*saved)
         ctx.costs, ctx.kind, ctx.sizes, ctx.scale = costs, kind, [t.numel() for t in logits], scale
         ctx.logits = logits  # only for a backward that is itself differentiated (see backward)
-        expected, kept = (cost * scale if scale != 1.0 else cost).unbind()
         ctx.mark_non_differentiable(kept)
         return expected, kept
 

@@ -153,10 +153,14 @@ class BudgetController:
 
     def penalty(self, task_loss: torch.Tensor | None = None) -> torch.Tensor:
         """``lam * E`` (times the detached ``task_loss`` when ``relative``), differentiable in
-        the gates; also keeps ``E`` for :meth:`step`."""
+        the gates; also keeps ``E`` for :meth:`step`. On CPU, while ``lam`` is exactly 0 (the
+        warm-up, after the lock, or while the budget does not bind), it is a constant 0 without
+        a graph: its gradient is exactly 0, and the step skips the cost's backward."""
         costs = cost_model(self.model)
-        expected, soft_kept = costs.expected_and_soft_kept(self.cost, normalize=True)  # one vectorised evaluation
-        self._expected = expected.detach()
+        graph = torch.is_grad_enabled() and not (self._on_host and self._lam == 0.0)
+        with torch.set_grad_enabled(graph):
+            expected, soft_kept = costs.expected_and_soft_kept(self.cost, normalize=True)  # one vectorised evaluation
+        self._expected = expected.detach() if graph else expected
         self._soft_kept = soft_kept.item() if self._on_host else soft_kept.double()  # the controller computes in float64
         if self._measures_kept():
             with torch.no_grad():
@@ -165,7 +169,7 @@ class BudgetController:
                 self._kept, self._units = costs.actual_tensor(self.cost, units) / costs.dense[self.cost], units
         weight = self._lam
         if self.relative and task_loss is not None:
-            weight = weight * (task_loss.detach().item() if self._on_host else task_loss.detach())
+            weight = weight * (task_loss.item() if self._on_host else task_loss.detach())
         if not self._on_host:
             return weight.to(expected.dtype) * expected  # the weight carries no gradient: one product in the graph
         if expected.dtype not in (torch.float32, torch.float64):  # torch would multiply by the float unrounded
