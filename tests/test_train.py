@@ -390,6 +390,20 @@ def test_controller_scalars_on_the_host_give_the_device_path_numbers_bit_for_bit
     assert run(True, resume_from=device[3])[0] == host[0]
 
 
+def test_penalty_on_cpu_records_no_graph_while_lam_is_zero(gated_mlp):
+    """A zero weight's term is a constant 0 (its gradient is exactly 0): no cost backward to run."""
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    optimizer = torch.optim.SGD(lumos.param_groups(gated_mlp, lr=1e-3))
+    controller = lumos.BudgetController(gated_mlp, target=0.3, total_steps=100, warmup=0.5, anneal=0.5)
+    task = F.mse_loss(gated_mlp(x), y)
+    term = controller.penalty(task)
+    assert controller.lam == 0.0 and term.item() == 0.0 and not term.requires_grad
+    for _ in range(51):  # past the warm-up, with the budget at the target: lam rises
+        lumos.train_step(gated_mlp, (x,), y, optimizer, controller=controller)
+    term = controller.penalty(F.mse_loss(gated_mlp(x), y))
+    assert controller.lam > 0 and term.requires_grad and term.item() > 0
+
+
 def test_lam_is_bounded(gated_mlp):
     controller = lumos.BudgetController(gated_mlp, target=0.1, total_steps=1000, warmup=0.0, anneal=0.0,
                                         lock=None, dual_lr=500.0, lam_max=50.0)
