@@ -262,6 +262,26 @@ def _compute_input(log_alpha: torch.Tensor) -> torch.Tensor:
     return log_alpha.to(_compute_dtype(log_alpha)).contiguous()
 
 
+def _flat_mask(key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range, uniform, log_alphas):
+    """``(work, m)``: the compute-dtype logits of the concatenated ``log_alphas`` and their masks
+    (the torch backend's numbers), computed as they are, with or without a graph."""
+    flat = log_alphas[0] if len(log_alphas) == 1 else torch.cat([_as_part(la, (la.numel(),), la.dtype)
+                                                                  for la in log_alphas])
+    work = _compute_input(flat)
+    # the thresholds as the clamp's bounds: _thresholded's mask in one op instead of three (a NaN
+    # logit's z is NaN either way)
+    closed_max, open_min = log_alpha_bounds(t_l, t_u, beta, gamma, zeta, work.dtype)
+    return work, _gate_z(work, key, offset, training, beta, gamma, zeta, noise_range, uniform,
+                         low=work >= open_min, high=work > closed_max)
+
+
+def _split_mask(m: torch.Tensor, parts: list) -> tuple[torch.Tensor, ...]:
+    """The flat mask ``m`` as one mask per ``(shape, numel, dtype)`` of ``parts``."""
+    if len(parts) == 1:
+        return (m.to(parts[0][2]),)
+    return tuple(_as_part(part, shape, dtype) for part, (shape, _, dtype) in zip(m.split([n for _, n, _ in parts]), parts))
+
+
 class _HardConcreteTorch(torch.autograd.Function):
     """The torch backend for the gates of one or several logit tensors, sampled as their
     concatenation: ``(*masks, dm)`` (and ``p_open_sum`` when asked for) computed without
@@ -276,14 +296,7 @@ class _HardConcreteTorch(torch.autograd.Function):
                 *log_alphas):
         if not torch.compiler.is_compiling():  # unused outputs (dm, the sum) get no zero tensors in backward
             ctx.set_materialize_grads(False)
-        flat = log_alphas[0] if len(log_alphas) == 1 else torch.cat([_as_part(la, (la.numel(),), la.dtype)
-                                                                      for la in log_alphas])
-        work = _compute_input(flat)
-        # the thresholds as the clamp's bounds: _thresholded's mask in one op instead of three (a NaN
-        # logit's z is NaN either way)
-        closed_max, open_min = log_alpha_bounds(t_l, t_u, beta, gamma, zeta, work.dtype)
-        m = _gate_z(work, key, offset, training, beta, gamma, zeta, noise_range, uniform,
-                    low=work >= open_min, high=work > closed_max)
+        work, m = _flat_mask(key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range, uniform, log_alphas)
         live = (m > 0) & (m < 1)  # inside the band and not clamped: where m = z has a slope
         slope = (m - gamma).mul_(zeta - m).mul_(1.0 / ((zeta - gamma) * (beta if training else 1.0)))
         dm = torch.where(live, slope, live)  # 0 elsewhere (False as a float), without wrapping a scalar
@@ -292,11 +305,7 @@ class _HardConcreteTorch(torch.autograd.Function):
         ctx.distribution = (beta, gamma, zeta)
         ctx.parts = [(la.shape, la.numel(), la.dtype) for la in log_alphas]
         ctx.with_sum = with_sum
-        if len(log_alphas) == 1:
-            masks = (m.to(flat.dtype),)
-        else:
-            masks = tuple(_as_part(part, shape, dtype) for part, (shape, _, dtype)
-                          in zip(m.split([n for _, n, _ in ctx.parts]), ctx.parts))
+        masks = _split_mask(m, ctx.parts)
         return (*masks, dm, p_open(work, beta, gamma, zeta).sum()) if with_sum else (*masks, dm)
 
     @staticmethod
@@ -481,9 +490,12 @@ def hard_concrete_parts(log_alphas: Sequence[torch.Tensor], seed: int | torch.Te
         return tuple(part.view(la.shape) for part, la in zip(m.split([la.numel() for la in log_alphas]), log_alphas))
     if uniform is not None and (uniform.dim() != 1 or uniform.numel() != sum(la.numel() for la in log_alphas)):
         raise ValueError(f"{op}: `uniform` must hold one number per gate, got shape {tuple(uniform.shape)}")
-    outputs = _HardConcreteTorch.apply(_torch_key(seed, first), int(offset), *args, False,
-                                       uniform if args[0] else None, *log_alphas)
-    return outputs[:-1]
+    key, uniform = _torch_key(seed, first), uniform if args[0] else None
+    if not (torch.is_grad_enabled() and any(la.requires_grad for la in log_alphas)):
+        # nothing to differentiate (eval masks, a budget's measurement): the masks alone, no autograd node
+        _, m = _flat_mask(key, int(offset), *args, uniform, log_alphas)
+        return _split_mask(m, [(la.shape, la.numel(), la.dtype) for la in log_alphas])
+    return _HardConcreteTorch.apply(key, int(offset), *args, False, uniform, *log_alphas)[:-1]
 
 
 def _checked_args(op, log_alphas, seed, training, t_l, t_u, beta, gamma, zeta, noise_range) -> tuple:

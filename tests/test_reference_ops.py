@@ -9,7 +9,7 @@ import torch
 from lumos_kernels import (gate_uniform, gate_uniform_rows, hard_concrete, hard_concrete_parts, hard_concrete_reference, masked_linear,
                            masked_linear_reference, masked_message_passing, masked_message_passing_reference, p_open,
                            to_csr)
-from lumos_kernels.hard_concrete import BETA, GAMMA, ZETA
+from lumos_kernels.hard_concrete import BETA, GAMMA, ZETA, log_alpha_bounds
 
 
 def _f64(*shape, grad=True):
@@ -355,6 +355,27 @@ def test_hard_concrete_parts_are_the_concatenation_sampled_at_once():
         hard_concrete_parts(parts, seed=11, uniform=uniform[:-1])
     with pytest.raises(ValueError, match="hard_concrete_parts: `log_alphas` must hold at least one tensor"):
         hard_concrete_parts([], seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_hard_concrete_parts_without_a_graph_are_the_recorded_masks_bit_for_bit(dtype):
+    """Where nothing is differentiated (no grad mode, or frozen logits) the masks skip the
+    autograd node; they are the same numbers, at the thresholds too, training and eval."""
+    g = torch.Generator().manual_seed(1)
+    closed_max, open_min = (float(b) for b in log_alpha_bounds(dtype=torch.float32))
+    edges = torch.tensor([closed_max, open_min, math.log(-GAMMA / ZETA), 0.0, -9.0, 9.0, float("nan")])
+    parts = [torch.cat([edges, torch.rand(40, generator=g) * 8 - 4]).to(dtype),
+             (torch.rand(3, 5, generator=g) * 8 - 4).to(dtype), torch.zeros(1, dtype=dtype)]
+    for training in (True, False):
+        recorded = hard_concrete_parts([p.clone().requires_grad_() for p in parts], seed=5, offset=2, training=training)
+        with torch.no_grad():
+            no_grad = hard_concrete_parts([p.clone().requires_grad_() for p in parts], seed=5, offset=2,
+                                          training=training)
+        frozen = hard_concrete_parts(parts, seed=5, offset=2, training=training)
+        for want, *gots in zip(recorded, no_grad, frozen):
+            for got in gots:
+                assert got.shape == want.shape and got.dtype == want.dtype and not got.requires_grad
+                assert torch.equal(got.nan_to_num(-1.0), want.detach().nan_to_num(-1.0))
 
 
 @pytest.mark.parametrize("rows", [5, 40])  # fewer / more rows than input features: both torch paths
