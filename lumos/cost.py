@@ -337,6 +337,8 @@ class CostModel:
         kept = kept_units.double()
         if kind == "count":
             return kept.sum()
+        if self._linear_widths:  # the expected widths of 0/1 probabilities: the same exact counts
+            return self._cost_of_widths(*self._widths_of_p(kept[None]), kind)[0]
         return self._cost(self._q_actual(kept), kept, kind)
 
     @torch.no_grad()

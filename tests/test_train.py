@@ -519,6 +519,22 @@ def test_closed_form_cost_gradient_with_a_layer_input_gate():
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("name", ["relu_3hidden", "silu_dropout", "sequence_input", "residual"])
+def test_actual_cost_through_the_width_matrix_is_the_exact_count_of_the_kept_units(name):
+    """The kept model's cost from the linear widths (the training step's path) equals the count
+    through the channel groups, exactly, for any set of kept units."""
+    model, x = mlp_zoo()[name]
+    costs = cost_model(lumos.gate(model, x))
+    assert costs._linear_widths or name == "residual"  # the residual stream's channels have two producers
+    g = torch.Generator().manual_seed(3)
+    for kind in ("params", "flops"):
+        for fraction in (0.0, 0.3, 0.8, 1.0):
+            kept = torch.rand(costs.n_units, generator=g) < fraction
+            via_groups = costs._cost(costs._q_actual(kept.double()), kept.double(), kind)
+            assert costs.actual_tensor(kind, kept).dtype == torch.float64
+            assert float(costs.actual_tensor(kind, kept)) == float(via_groups)
+
+
 def test_cost_model_evaluates_every_layer_in_one_pass_matching_the_per_layer_formula():
     model, x = mlp_zoo()["residual"]
     gated = lumos.gate(model, x)

@@ -210,7 +210,11 @@ class BudgetController:
 
     def _lock_when_within_target(self) -> None:
         """On the device, no read-back: the first time the eval masks keep at most ``target``, pin
-        that model (of the last two measured, the one closer to ``target``); ``lam`` is 0 from then."""
+        that model (of the last two measured, the one closer to ``target``); ``lam`` is 0 from then.
+        On CPU, where a read-back costs nothing, a step that does not lock returns at once."""
+        if self._on_host and (bool(self._locked) or not bool(self._kept <= self.target)):
+            self._lam = 0.0 if bool(self._locked) else self._lam  # what the masked update below leaves
+            return
         lock_now = ~self._locked & (self._kept <= self.target)
         units = self._units
         last_kept, last_units = self._last
