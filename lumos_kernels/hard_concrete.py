@@ -276,7 +276,7 @@ def _flat_mask(key, offset, training, t_l, t_u, beta, gamma, zeta, noise_range, 
 
 
 def _split_mask(m: torch.Tensor, parts: list) -> tuple[torch.Tensor, ...]:
-    """The flat mask ``m`` as one mask per ``(shape, numel, dtype)`` of ``parts``."""
+    """The flat mask (or its gradient) ``m`` as one tensor per ``(shape, numel, dtype)`` of ``parts``."""
     if len(parts) == 1:
         return (m.to(parts[0][2]),)
     return tuple(_as_part(part, shape, dtype) for part, (shape, _, dtype) in zip(m.split([n for _, n, _ in parts]), parts))
@@ -320,12 +320,7 @@ class _HardConcreteTorch(torch.autograd.Function):
             grad_m = torch.cat([_as_part(g, (n,), dm.dtype) if g is not None else dm.new_zeros(n)
                                 for g, (_, n, _) in zip(grad_masks, ctx.parts)])
         grad = _hard_concrete_backward_flat(work, dm, grad_m, grad_sum, ctx.distribution)
-        if len(ctx.parts) == 1:
-            parts = (grad.to(ctx.parts[0][2]),)
-        else:
-            parts = tuple(_as_part(g, shape, dtype) for g, (shape, _, dtype)
-                          in zip(grad.split([n for _, n, _ in ctx.parts]), ctx.parts))
-        return (None,) * 11 + parts
+        return (None,) * 11 + _split_mask(grad, ctx.parts)
 
 
 def _as_part(flat: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:

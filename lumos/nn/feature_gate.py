@@ -6,6 +6,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lumos_kernels import dispatch
+
 from ..gates import HardConcreteGate
 
 
@@ -43,7 +45,7 @@ class FeatureGate(nn.Module):
         dim = self.dim % x.dim()
         if dim != x.dim() - 1:  # the last dim broadcasts as it is: no op to dispatch
             m = m.reshape([-1 if d == dim else 1 for d in range(x.dim())])
-        return m if m.dtype == x.dtype else m.to(x.dtype)
+        return dispatch.in_dtype(m, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or not -x.dim() <= self.dim < x.dim() or x.shape[self.dim] != self.n_features:

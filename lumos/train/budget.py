@@ -212,9 +212,12 @@ class BudgetController:
         """On the device, no read-back: the first time the eval masks keep at most ``target``, pin
         that model (of the last two measured, the one closer to ``target``); ``lam`` is 0 from then.
         On CPU, where a read-back costs nothing, a step that does not lock returns at once."""
-        if self._on_host and (bool(self._locked) or not bool(self._kept <= self.target)):
-            self._lam = 0.0 if bool(self._locked) else self._lam  # what the masked update below leaves
-            return
+        if self._on_host:
+            if bool(self._locked):
+                self._lam = 0.0
+                return
+            if not bool(self._kept <= self.target):
+                return
         lock_now = ~self._locked & (self._kept <= self.target)
         units = self._units
         last_kept, last_units = self._last
@@ -227,10 +230,8 @@ class BudgetController:
         torch._foreach_mul_(logits, 1 - weight)
         torch._foreach_add_(logits, torch._foreach_mul(list(ends.split([l.numel() for l in logits])), weight))
         self._locked |= lock_now
-        if self._on_host:
-            self._lam = 0.0 if bool(self._locked) else self._lam
-        else:
-            self._lam = torch.where(self._locked, torch.zeros_like(self._lam), self._lam)
+        # on CPU only a step that locks gets here
+        self._lam = 0.0 if self._on_host else torch.where(self._locked, torch.zeros_like(self._lam), self._lam)
 
     @property
     def lam(self) -> float:
