@@ -50,9 +50,10 @@ from torch import nn
 
 import lumos
 from lumos.report import count_params
+from lumos_kernels.hard_concrete import BETA, GAMMA, ZETA, log_alpha_bounds
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from bench_compaction import N_FEATURES, N_OUTPUTS, TRAIN_BATCH, measure, run_info, surrogate_mlp  # noqa: E402
+from bench_compaction import HIDDEN, N_FEATURES, N_OUTPUTS, TRAIN_BATCH, measure, run_info, surrogate_mlp  # noqa: E402
 from zoo_training import TASKS, Task  # noqa: E402
 
 EPOCHS, LR, BATCH = 20, 1e-2, 256  # the one setting every task and schedule trains with
@@ -169,6 +170,77 @@ def step_pair(in_band: bool = True, seed: int = 0):
     return (lambda: plain_step(dense, plain_optimizer, x, y)), gated_step
 
 
+def floor_step(seed: int = 0):
+    """The least an annealing-phase gated step can cost in eager PyTorch: the step of
+    :func:`step_pair` (same MLP, data, Adam and gate learning rate 0) written by hand for this one
+    model, with what issue 10 asks a step to do and nothing of lumos' generality:
+
+    - one flat logit vector (one Adam parameter, no concatenation or split of the logits);
+    - one sampling: ``torch.rand`` noise (cheaper than lumos' counter-based SplitMix64 uniforms),
+      the hard-concrete formula with the thresholds as the clamp's bounds, differentiated by
+      autograd;
+    - the masks on the input features and on each hidden layer's outputs;
+    - one vectorised cost: every layer's expected widths from ``p_open`` in one matrix product,
+      parameters ``sum_l E[in]_l E[out]_l + E[out]_l``, times a fixed ``lam``;
+    - the measurement the lock needs: the eval masks' exact parameter count (one comparison, one
+      float64 matrix product) and a PI update on Python floats; the clamp of the logits.
+
+    Its ratio to the plain step bounds what any eager implementation of issue 10's step can reach
+    on this model and machine."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(TRAIN_BATCH, N_FEATURES, generator=generator)
+    y = torch.randn(TRAIN_BATCH, N_OUTPUTS, generator=generator)
+    torch.manual_seed(seed)
+    linears = [m for m in surrogate_mlp() if isinstance(m, nn.Linear)]
+    widths = [N_FEATURES] + [HIDDEN] * (len(linears) - 1)  # the gated units: inputs, then each hidden layer
+    logits = nn.Parameter(torch.empty(sum(widths)).uniform_(-1.0, 1.0))
+    optimizer = torch.optim.Adam([{"params": [p for m in linears for p in m.parameters()], "lr": LR},
+                                  {"params": [logits], "lr": 0.0}])
+    # [E[in] | E[out]] = p @ A + c: unit j of gate g feeds layer g and is an output of layer g - 1
+    layers = len(linears)
+    a = torch.zeros(sum(widths), 2 * layers, dtype=torch.float64)
+    c = torch.zeros(2 * layers, dtype=torch.float64)
+    start = 0
+    for g, n in enumerate(widths):
+        a[start:start + n, g] = 1.0
+        if g > 0:
+            a[start:start + n, layers + g - 1] = 1.0
+        start += n
+    c[2 * layers - 1] = N_OUTPUTS
+    a32, c32 = a.float(), c.float()
+    dense_params = float(sum(p.numel() for m in linears for p in m.parameters()))
+    closed_max, open_min = log_alpha_bounds(dtype=torch.float32)
+    shift = BETA * math.log(-GAMMA / ZETA)
+    kept_above = max(closed_max, math.log(-GAMMA / ZETA))  # z_hat > 0 above logit(-gamma / (zeta - gamma))
+    state = {"lam": 0.5, "integral": 0.5}
+
+    def step() -> torch.Tensor:
+        u = torch.rand(logits.shape)
+        z = torch.sigmoid((torch.logit(u, eps=1e-6) + logits) * 1.5) * 1.2 - 0.1
+        masks = z.clamp(logits.detach() >= open_min, logits.detach() > closed_max).split(widths)
+        h = x * masks[0]
+        for linear, m in zip(linears[:-1], masks[1:]):
+            h = F.silu(linear(h) * m)
+        task = F.mse_loss(linears[-1](h), y)
+        e_in, e_out = torch.addmm(c32, torch.sigmoid(logits - shift)[None], a32)[0].split(layers)
+        cost = (e_in * e_out + e_out).sum() / dense_params
+        loss = task + (state["lam"] * task.item()) * cost
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            logits.clamp_(lumos.gates.LOG_ALPHA_MIN, lumos.gates.LOG_ALPHA_MAX)
+            k_in, k_out = torch.addmm(c, (logits > kept_above).double()[None], a)[0].split(layers)
+            kept = float((k_in * k_out + k_out).sum()) / dense_params
+        state["kept"] = kept  # what the lock would compare with the target
+        error = min(max((cost.item() - 0.2) / 0.2, -1.0), 1.0)
+        state["integral"] = min(max(state["integral"] + error, 0.0), 1e3)
+        state["lam"] = min(max(state["integral"] + 10.0 * error, 0.0), 1e3)
+        return task.detach()
+
+    return step
+
+
 @pytest.mark.parametrize("variant", ["plain", "gated-in-band", "gated-outside-band"])
 def test_train_step_overhead(benchmark, variant):
     plain, gated = step_pair(in_band=variant != "gated-outside-band")
@@ -187,16 +259,21 @@ def op_count(fn) -> int:
 
 
 def overhead(rounds: int = 300) -> None:
-    """Gated over plain step time, the two timed in alternation (load on the machine hits both)."""
+    """Gated over plain step time, the steps timed in alternation (load on the machine hits all
+    alike); in the band also :func:`floor_step`, the least an eager implementation can cost."""
     print(f"batch {TRAIN_BATCH}, {torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.2f}, "
           f"{rounds} alternating rounds")
     for in_band in (True, False):
         plain, gated = step_pair(in_band)
+        steps = {"plain": plain, "gated": gated}
+        if in_band:
+            steps["floor"] = floor_step()
         for _ in range(20):
-            plain(), gated()
-        wall, cpu = {"plain": [], "gated": []}, {"plain": [], "gated": []}
+            for fn in steps.values():
+                fn()
+        wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
         for _ in range(rounds):
-            for name, fn in (("plain", plain), ("gated", gated)):
+            for name, fn in steps.items():
                 start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
                 wall[name].append(time.perf_counter() - start)
@@ -205,8 +282,10 @@ def overhead(rounds: int = 300) -> None:
             median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
             print(f"gates {'inside' if in_band else 'outside'} the band, {label} time: plain step "
                   f"{1e3 * median['plain']:.3f} ms, gated step {1e3 * median['gated']:.3f} ms, "
-                  f"ratio {median['gated'] / median['plain']:.3f}x", flush=True)
-        print(f"  aten ops per step: plain {op_count(plain)}, gated {op_count(gated)}")
+                  f"ratio {median['gated'] / median['plain']:.3f}x"
+                  + (f"; hand-written floor {1e3 * median['floor']:.3f} ms, ratio "
+                     f"{median['floor'] / median['plain']:.3f}x" if "floor" in median else ""), flush=True)
+        print("  aten ops per step: " + ", ".join(f"{name} {op_count(fn)}" for name, fn in steps.items()))
 
 
 FRACTIONS = (0.10, 0.05)  # of the dense parameters

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lumos_kernels.hard_concrete import log_alpha_bounds
+from lumos_kernels.hard_concrete import log_alpha_bounds, nearest_on_side
 
 from .plan import LayerCost, Space, plan_model
 from .gates import HardConcreteGate, gates_of
@@ -268,6 +268,22 @@ class CostModel:
             return sampler.flat_masks(False) > 0
         return torch.cat([g.kept() for g in self.gates])
 
+    @torch.no_grad()
+    def units_above_threshold(self) -> torch.Tensor:
+        """``(n_units,)`` bool: the units whose ``log_alpha`` lies above the boundary of its eval
+        mask's support (:func:`kept_bound`): the units :meth:`kept_units` keeps, except a logit
+        within rounding of ``z_hat``'s zero, which the eval mask's float arithmetic may place on
+        either side. One concatenation and one comparison, where :meth:`kept_units` samples every
+        eval mask: the measurement a training step can afford (:class:`lumos.BudgetController`)."""
+        log_alpha = self._flat_log_alpha().detach()
+        key = ("kept_bound", log_alpha.device, log_alpha.dtype)
+        bound = self._moved.get(key)
+        if bound is None:
+            compute = torch.float64 if log_alpha.dtype == torch.float64 else torch.float32  # fp16, bf16: exact in fp32
+            bound = self._moved[key] = torch.cat([torch.full((g.n,), kept_bound(g, compute), dtype=compute)
+                                                  for g in self.gates]).to(log_alpha.device)
+        return log_alpha > bound
+
     def _q_expected(self, p: torch.Tensor) -> torch.Tensor:
         """``(..., n_groups)`` probability each group is alive, from ``p`` ``(..., n_units)``."""
         if self._single_producer:
@@ -386,6 +402,20 @@ def kept_threshold(gate: HardConcreteGate) -> float:
     z_hat_positive = math.log(-gate.gamma / gate.zeta)  # logit(-gamma / (zeta - gamma))
     above = max(closed_max, z_hat_positive)
     return above if math.isnan(open_min) else min(open_min, above)
+
+
+def kept_bound(gate: HardConcreteGate, dtype: torch.dtype) -> float:
+    """The ``dtype`` (float32 or float64) number ``b`` such that a logit ``x`` of that dtype has a
+    non-zero eval mask exactly when ``x > b``, with ``z_hat`` taken without rounding: forced open
+    at ``x >= open_min``, otherwise kept where not forced closed (``x > closed_max``) and
+    ``z_hat > 0`` (``x > logit(-gamma / (zeta - gamma))``); the bounds of
+    :func:`lumos_kernels.hard_concrete.log_alpha_bounds`."""
+    closed_max, open_min = log_alpha_bounds(gate.t_l, gate.t_u, gate.beta, gate.gamma, gate.zeta, dtype)
+    bound = max(closed_max, nearest_on_side(math.log(-gate.gamma / gate.zeta), dtype, above=False))
+    if math.isnan(open_min):  # t_u = 1: nothing forced open
+        return bound
+    below_open = nearest_on_side(math.nextafter(open_min, -math.inf), dtype, above=False)  # x >= open_min: x > this
+    return min(below_open, bound)
 
 
 def _cat_long(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -174,7 +174,7 @@ def _compute_dtype(log_alpha: torch.Tensor) -> torch.dtype:
     return torch.float64 if log_alpha.dtype == torch.float64 else torch.float32
 
 
-def _nearest_on_side(value: float, dtype: torch.dtype, above: bool) -> float:
+def nearest_on_side(value: float, dtype: torch.dtype, above: bool) -> float:
     """The ``dtype`` (float32 or float64) number nearest ``value`` that is strictly above it
     (``above``), or at or below it. Plain Python (no tensor is read back), so that
     ``torch.compile`` traces the sampling without a graph break."""
@@ -220,8 +220,8 @@ def log_alpha_bounds(t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA, 
     def logit(t):
         return -math.inf if t <= 0 else math.inf if t >= 1 else math.log(t) - math.log1p(-t)
 
-    closed_max = _nearest_on_side(shift + logit(t_l), dtype, above=False)
-    open_min = math.nan if t_u >= 1 else _nearest_on_side(shift + logit(t_u), dtype, above=True)
+    closed_max = nearest_on_side(shift + logit(t_l), dtype, above=False)
+    open_min = math.nan if t_u >= 1 else nearest_on_side(shift + logit(t_u), dtype, above=True)
     return closed_max, open_min
 
 

@@ -535,6 +535,47 @@ def test_actual_cost_through_the_width_matrix_is_the_exact_count_of_the_kept_uni
             assert float(costs.actual_tensor(kind, kept)) == float(via_groups)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_controller_measurement_keeps_the_eval_masks_units(dtype):
+    """The training step's measurement (each logit against one bound per gate) keeps the units the
+    eval masks keep, for gates with different thresholds and stretch, over logits spanning open to
+    closed and at each bound and its neighbours: exactly where a threshold decides (forced open or
+    closed); where ``z_hat``'s zero decides, as the comparison without rounding."""
+    from lumos_kernels.hard_concrete import log_alpha_bounds
+
+    torch.manual_seed(0)
+    model = nn.Sequential(lumos.nn.GatedLinear(6, 40), nn.ReLU(),
+                          lumos.nn.GatedLinear(40, 40, t_l=0.2, t_u=0.9, gamma=-0.3, zeta=1.05), nn.ReLU(),
+                          lumos.nn.GatedLinear(40, 30, t_l=0.0, t_u=0.3), nn.ReLU(), nn.Linear(30, 2))
+    gated = lumos.gate(model, torch.randn(4, 6)).to(dtype)
+    costs = cost_model(gated)
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for gate in costs.gates:
+                gate.log_alpha.copy_(torch.rand(gate.n, generator=g, dtype=torch.float64) * 10 - 5)
+        assert torch.equal(costs.units_above_threshold(), costs.kept_units())
+    down, up = torch.tensor(-math.inf, dtype=dtype), torch.tensor(math.inf, dtype=dtype)
+    with torch.no_grad():  # every logit on or next to one of its gate's boundaries
+        for gate in costs.gates:
+            closed_max, open_min = log_alpha_bounds(gate.t_l, gate.t_u, gate.beta, gate.gamma, gate.zeta, dtype)
+            edges = torch.tensor([b for b in (closed_max, open_min, math.log(-gate.gamma / gate.zeta))
+                                  if math.isfinite(b)], dtype=dtype)
+            near = torch.cat([torch.nextafter(edges, down), edges, torch.nextafter(edges, up)])
+            gate.log_alpha.copy_(near.repeat(gate.n // len(near) + 1)[:gate.n])
+    measured = costs.units_above_threshold()
+    start = 0
+    for gate in costs.gates:
+        x = gate.log_alpha.detach()
+        closed_max, open_min = log_alpha_bounds(gate.t_l, gate.t_u, gate.beta, gate.gamma, gate.zeta, dtype)
+        exact = (x >= open_min) | ((x > closed_max) & (x.double() > math.log(-gate.gamma / gate.zeta)))
+        assert torch.equal(measured[start:start + gate.n], exact)
+        forced = (x >= open_min) | (x <= closed_max)
+        assert torch.equal(measured[start:start + gate.n][forced], gate.kept()[forced])
+        start += gate.n
+    assert measured.any() and not measured.all()
+
+
 def test_cost_model_evaluates_every_layer_in_one_pass_matching_the_per_layer_formula():
     model, x = mlp_zoo()["residual"]
     gated = lumos.gate(model, x)

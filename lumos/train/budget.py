@@ -62,7 +62,9 @@ class BudgetController:
            \lambda = \mathrm{clamp}(I + k_p\, e,\ 0,\ \lambda_{max})
 
     3. lock: the first time the fraction the eval masks keep is at most ``target`` (watched
-       from when the budget is within twice the target), the architecture is fixed: that model
+       from when the budget is within twice the target, each step comparing every logit with
+       its gate's :func:`lumos.cost.kept_bound`: the eval masks' units without their rounding
+       at the boundary), the architecture is fixed: that model
        (of the last two measured, the one closer to ``target``) has its kept gates set open
        (mask exactly 1) and the others closed, ``lam`` drops to 0 and the remaining steps train
        its weights. If that has not happened by ``lock``, :func:`lock_to_budget` fixes the
@@ -140,7 +142,7 @@ class BudgetController:
             self._lam, self._integral, self._soft_kept = zero.clone(), zero.clone(), zero + 1.0
             self._saturated = torch.zeros((), dtype=torch.bool, device=device)
         self._locked = torch.zeros((), dtype=torch.bool, device=device)
-        self._units: torch.Tensor | None = None  # eval-mask units at the last penalty() after the annealing
+        self._units: torch.Tensor | None = None  # kept units measured at the last penalty() after the annealing
         self._last = (self._kept, None)  # the measurement before that
 
     def budget(self, step: int | None = None) -> float:
@@ -164,7 +166,7 @@ class BudgetController:
         self._soft_kept = soft_kept.item() if self._on_host else soft_kept.double()  # the controller computes in float64
         if self._measures_kept():
             with torch.no_grad():
-                units = costs.kept_units()
+                units = costs.units_above_threshold()
                 self._last = (self._kept, self._units)
                 self._kept, self._units = costs.actual_tensor(self.cost, units) / costs.dense[self.cost], units
         weight = self._lam
