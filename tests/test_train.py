@@ -39,7 +39,7 @@ def test_penalty_params_dense_limit_and_gradient(gated_mlp):
         gate.log_alpha.data.fill_(0.0)
     value = lumos.penalty(gated_mlp, "flops", normalize=True)
     value.backward()
-    assert 0 < float(value) < 1
+    assert 0 < float(value.detach()) < 1
     assert all(g.log_alpha.grad is not None and (g.log_alpha.grad > 0).all() for _, g in lumos.gates_of(gated_mlp))
 
 
@@ -61,6 +61,57 @@ def test_budget_controller_rejects_targets_outside_unit_interval(gated_mlp, targ
 def test_budget_controller_needs_the_number_of_steps(gated_mlp, total_steps):
     with pytest.raises(ValueError, match="total_steps"):
         lumos.BudgetController(gated_mlp, target=0.2, total_steps=total_steps)
+
+
+@pytest.mark.parametrize("lookahead", [-1.0, float("inf"), "9"])
+def test_budget_controller_rejects_a_bad_lookahead(gated_mlp, lookahead):
+    with pytest.raises(ValueError, match="lumos.BudgetController: `lookahead`"):
+        lumos.BudgetController(gated_mlp, target=0.2, total_steps=10, lookahead=lookahead)
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_controller_error_is_the_soft_fraction_lookahead_steps_ahead(gated_mlp, monkeypatch, host):
+    """``e = clamp((K_h - budget) / budget, -1, 1)`` with ``K_h = K + h (K - K_prev)``: a soft
+    fraction falling towards the budget releases the pressure before it gets there; the rate
+    is carried in checkpoints, and one written without it resumes with no rate for a step."""
+    monkeypatch.setattr(lumos.BudgetController, "host_scalars_on_cpu", host)
+
+    def lams(softs, lookahead, resume_after=None, drop_rate=False):
+        controller = lumos.BudgetController(gated_mlp, target=0.5, total_steps=100, warmup=0.0, anneal=0.0,
+                                            lock=None, dual_lr=1.0, kp=10.0, lookahead=lookahead)
+        out = []
+        for i, soft in enumerate(softs):
+            if i == resume_after:
+                state = controller.state_dict()
+                if drop_rate:
+                    del state["soft_before"]
+                controller = lumos.BudgetController(gated_mlp, target=0.5, total_steps=100, warmup=0.0,
+                                                    anneal=0.0, lock=None, dual_lr=1.0, kp=10.0, lookahead=lookahead)
+                controller.load_state_dict(state)
+            controller._soft_kept = soft if host else torch.tensor(soft, dtype=torch.float64)
+            with torch.no_grad():
+                controller.step()
+            out.append(controller.lam)
+        return out
+
+    def by_hand(softs, lookahead, no_rate_at=None):
+        integral, before, out = 0.0, 1.0, []
+        for i, soft in enumerate(softs):
+            ahead = soft if i == no_rate_at else soft + lookahead * (soft - before)
+            error = min(max((ahead - 0.5) / 0.5, -1.0), 1.0)
+            integral = min(max(integral + error, 0.0), lumos.train.budget.LAM_MAX)
+            out.append(min(max(integral + 10.0 * error, 0.0), lumos.train.budget.LAM_MAX))
+            before = soft
+        return out
+
+    softs = [0.9, 0.8, 0.72, 0.66, 0.62, 0.6]  # approaching the budget 0.5, slowing down
+    assert lams(softs, 0.0) == pytest.approx(by_hand(softs, 0.0), abs=1e-12)
+    ahead = lams(softs, 9.0)
+    assert ahead == pytest.approx(by_hand(softs, 9.0), abs=1e-12)
+    assert lams(softs, 0.0)[3] > 3.0 and ahead[3] == 0.0  # the pressure is off before K reaches the budget
+    assert lams(softs, 9.0, resume_after=3) == ahead
+    assert lams(softs, 9.0, resume_after=3, drop_rate=True) == pytest.approx(by_hand(softs, 9.0, no_rate_at=3),
+                                                                             abs=1e-12)
 
 
 def test_penalty_rejects_unknown_cost_and_ungated_model(gated_mlp):

@@ -52,14 +52,21 @@ class BudgetController:
     1. warm-up (the first ``warmup`` of the steps): ``lam = 0``; the gates, which start open,
        stay at exactly 1 and the network trains densely;
     2. annealing (until ``anneal``): the budget goes from 1 to ``target`` (cosine) and ``lam``
-       is a PI controller on the relative error ``e = clamp((K - budget) / budget, -1, 1)``,
-       where ``K`` is the fraction the eval masks keep, smoothed
+       is a PI controller on the relative error ``e = clamp((K_h - budget) / budget, -1, 1)``.
+       ``K`` is the fraction the eval masks keep, smoothed
        (:meth:`lumos.cost.CostModel.soft_kept`: it moves as soon as the gates move, where the
-       eval masks only change when a gate crosses its threshold):
+       eval masks only change when a gate crosses its threshold), and ``K_h = K + h (K - K')``
+       its value ``h`` steps ahead at its last step's rate (``K'``: the previous step's):
 
        .. math::
            I \leftarrow \mathrm{clamp}(I + \eta\, e,\ 0,\ \lambda_{max}), \qquad
            \lambda = \mathrm{clamp}(I + k_p\, e,\ 0,\ \lambda_{max})
+
+       The look-ahead is for the optimiser's momentum: with Adam (``beta1 = 0.9``) a logit keeps
+       moving for about ``beta1 / (1 - beta1) = 9`` steps after its gradient stops, so a
+       controller that reacts to ``K`` alone releases the pressure too late, and the gates
+       overshoot below the budget; the units that cross the lower threshold on the way never
+       come back (their mask is exactly 0, with no gradient);
 
     3. lock: the first time the fraction the eval masks keep is at most ``target`` (watched
        from when the budget is within twice the target, each step comparing every logit with
@@ -86,6 +93,8 @@ class BudgetController:
         lock: the latest point to fix the architecture, as a fraction of ``total_steps`` (0.75);
             None: never fix it, track ``target`` to the end.
         dual_lr, kp: integral and proportional gains ``eta`` and ``k_p``.
+        lookahead: ``h``, the steps ahead the error is taken (9: Adam's or SGD's momentum of
+            0.9; 0 for an optimiser without momentum).
         lam_max: the bound on ``lam``; a run that reaches it cannot meet its target
             (:attr:`saturated`).
         relative: scale the penalty by the detached task loss given to :meth:`penalty`.
@@ -102,7 +111,7 @@ class BudgetController:
 
     def __init__(self, model: nn.Module, target: float, total_steps: int | None = None, cost: str = "params", *,
                  warmup: float = 0.2, anneal: float = 0.5, lock: float | None = 0.75, dual_lr: float = 1.0,
-                 kp: float = 10.0, lam_max: float = LAM_MAX, relative: bool = True,
+                 kp: float = 10.0, lookahead: float = 9.0, lam_max: float = LAM_MAX, relative: bool = True,
                  who: str = "lumos.BudgetController"):
         check_gated(model, who)
         check_cost(cost, who)
@@ -116,7 +125,7 @@ class BudgetController:
         if anneal < warmup or (lock is not None and lock < anneal):
             raise ValueError(f"{who}: need warmup <= anneal <= lock, got warmup={warmup}, anneal={anneal}, "
                              f"lock={lock}")
-        for name, value in (("dual_lr", dual_lr), ("kp", kp), ("lam_max", lam_max)):
+        for name, value in (("dual_lr", dual_lr), ("kp", kp), ("lookahead", lookahead), ("lam_max", lam_max)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0 or (value == 0 and name == "lam_max"):
                 raise ValueError(f"{who}: `{name}` must be a finite number >= 0 (lam_max > 0), got {value!r}")
@@ -125,13 +134,14 @@ class BudgetController:
         self.total_steps, self.warmup, self.anneal = total_steps, float(warmup), float(anneal)
         self.lock = None if lock is None else float(lock)
         self.dual_lr, self.kp, self.lam_max, self.relative = float(dual_lr), float(kp), float(lam_max), bool(relative)
+        self.lookahead = float(lookahead)
         self.lock_step = None if lock is None else max(1, round(self.lock * total_steps))
         self.steps = 0
         self.locked = False
         device = gates_of(model)[0][1].log_alpha.device
         zero = torch.zeros((), dtype=torch.float64, device=device)
         self._expected, self._kept = zero + 1.0, zero + 1.0
-        # The PI state (lam, integral, soft_kept, saturated): 0-dim float64 tensors on an accelerator,
+        # The PI state (lam, integral, soft_kept and its previous value, saturated): 0-dim float64 tensors on an accelerator,
         # so that no step reads a value back; Python floats on CPU, where reading a tensor's value
         # costs nothing and a dozen 0-dim tensor ops cost more than the rest of the controller (the
         # same IEEE float64 arithmetic: the same numbers).
@@ -141,6 +151,7 @@ class BudgetController:
         else:
             self._lam, self._integral, self._soft_kept = zero.clone(), zero.clone(), zero + 1.0
             self._saturated = torch.zeros((), dtype=torch.bool, device=device)
+        self._soft_before = self._soft_kept  # None (a checkpoint without it): no rate at the next step
         self._locked = torch.zeros((), dtype=torch.bool, device=device)
         self._units: torch.Tensor | None = None  # kept units measured at the last penalty() after the annealing
         self._last = (self._kept, None)  # the measurement before that
@@ -189,13 +200,17 @@ class BudgetController:
         """One controller step (and the lock, when due), then :func:`lumos.step_gates_` (clamp,
         next noise)."""
         self.steps += 1
+        soft = self._soft_kept
+        before = soft if self._soft_before is None else self._soft_before
+        self._soft_before = soft
         if self.locked:
             pass
         elif self.steps < self.warmup * self.total_steps:
             self._lam = _zero(self._lam)
         else:
             budget = self.budget()
-            error = _clamp((self._soft_kept - budget) / budget, -1.0, 1.0)
+            ahead = soft + self.lookahead * (soft - before)  # where the optimiser's momentum carries the gates
+            error = _clamp((ahead - budget) / budget, -1.0, 1.0)
             self._integral = _clamp(self._integral + self.dual_lr * error, 0.0, self.lam_max)
             lam = self._integral + self.kp * error
             self._saturated |= lam >= self.lam_max
@@ -259,6 +274,7 @@ class BudgetController:
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume this controller exactly."""
         return {"lam": _as_state(self._lam), "integral": _as_state(self._integral), "expected": self._expected.clone(),
+                "soft_before": None if self._soft_before is None else _as_state(self._soft_before),
                 "kept": self._kept.clone(), "saturated": _as_state(self._saturated),
                 "locked_on_device": self._locked.clone(),
                 "units": self._units, "last": self._last, "locked": self.locked,
@@ -270,6 +286,8 @@ class BudgetController:
             setattr(self, "_" + name, state[name].to(device))
         for name in ("lam", "integral", "saturated"):
             setattr(self, "_" + name, state[name].item() if self._on_host else state[name].to(device))
+        before = state.get("soft_before")  # absent from checkpoints written before the look-ahead
+        self._soft_before = None if before is None else before.item() if self._on_host else before.to(device)
         self._locked = state["locked_on_device"].to(device)
         self._units, self._last = state["units"], state["last"]
         self.steps, self.locked = int(state["steps"]), bool(state["locked"])
