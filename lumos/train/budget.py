@@ -141,10 +141,10 @@ class BudgetController:
         device = gates_of(model)[0][1].log_alpha.device
         zero = torch.zeros((), dtype=torch.float64, device=device)
         self._expected, self._kept = zero + 1.0, zero + 1.0
-        # The PI state (lam, integral, soft_kept and its previous value, saturated): 0-dim float64 tensors on an accelerator,
-        # so that no step reads a value back; Python floats on CPU, where reading a tensor's value
-        # costs nothing and a dozen 0-dim tensor ops cost more than the rest of the controller (the
-        # same IEEE float64 arithmetic: the same numbers).
+        # The PI state (lam, integral, soft_kept and its previous value, saturated): 0-dim float64
+        # tensors on an accelerator, so that no step reads a value back; Python floats on CPU, where
+        # reading a tensor's value costs nothing and a dozen 0-dim tensor ops cost more than the rest
+        # of the controller (the same IEEE float64 arithmetic: the same numbers).
         self._on_host = device.type == "cpu" and self.host_scalars_on_cpu
         if self._on_host:
             self._lam, self._integral, self._soft_kept, self._saturated = 0.0, 0.0, 1.0, False
