@@ -69,6 +69,35 @@ def test_budget_controller_rejects_a_bad_lookahead(gated_mlp, lookahead):
         lumos.BudgetController(gated_mlp, target=0.2, total_steps=10, lookahead=lookahead)
 
 
+def test_fit_takes_the_lookahead_from_the_optimizers_momentum(gated_mlp):
+    """fit's controller looks ahead as far as the gate logits' optimizer carries them; an optimizer
+    without the gate logits cannot reach a target and is refused, naming fit's argument."""
+    from lumos.train.budget import momentum_lookahead
+
+    make = {"adam": lambda g: torch.optim.Adam(g), "adamw 0.8": lambda g: torch.optim.AdamW(g, betas=(0.8, 0.99)),
+            "sgd": lambda g: torch.optim.SGD(g, lr=0.1), "sgd 0.9": lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9),
+            "rmsprop": lambda g: torch.optim.RMSprop(g), "adagrad": lambda g: torch.optim.Adagrad(g)}
+    want = {"adam": 9.0, "adamw 0.8": 4.0, "sgd": 0.0, "sgd 0.9": 9.0, "rmsprop": 0.0, "adagrad": 0.0}
+    for name, build in make.items():
+        assert momentum_lookahead(build(lumos.param_groups(gated_mlp, lr=1e-3)), gated_mlp) == want[name], name
+
+    class Seen(lumos.Callback):
+        def on_fit_start(self, loop):
+            self.lookahead = loop.controller.lookahead
+
+    x, y = torch.randn(64, 6), torch.randn(64, 2)
+    seen = Seen()
+    lumos.fit(gated_mlp, (x, y), target=0.5, epochs=1, progress=False, callbacks=[seen],
+              optimizer=torch.optim.SGD(gated_mlp.parameters(), lr=1e-2))
+    assert seen.lookahead == 0.0
+    lumos.fit(gated_mlp, (x, y), target=0.5, epochs=1, progress=False, callbacks=[seen],
+              controller_options={"lookahead": 3.0})
+    assert seen.lookahead == 3.0
+    weights = [p for name, p in gated_mlp.named_parameters() if not name.endswith("log_alpha")]
+    with pytest.raises(ValueError, match="lumos.fit: `optimizer` does not hold the model's gate logits"):
+        lumos.fit(gated_mlp, (x, y), target=0.5, epochs=1, progress=False, optimizer=torch.optim.Adam(weights))
+
+
 @pytest.mark.parametrize("host", [True, False])
 def test_controller_error_is_the_soft_fraction_lookahead_steps_ahead(gated_mlp, monkeypatch, host):
     """``e = clamp((K_h - budget) / budget, -1, 1)`` with ``K_h = K + h (K - K_prev)``: a soft

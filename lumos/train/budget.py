@@ -293,6 +293,21 @@ class BudgetController:
         self.steps, self.locked = int(state["steps"]), bool(state["locked"])
 
 
+def momentum_lookahead(optimizer: torch.optim.Optimizer, model: nn.Module, who: str = "lumos.fit") -> float:
+    """``BudgetController``'s ``lookahead`` for ``optimizer``: ``b / (1 - b)``, the steps a logit
+    keeps moving after its gradient stops, for the momentum ``b`` of the parameter group holding
+    ``model``'s gate logits (``betas[0]`` of Adam and its kin, ``momentum`` of SGD or RMSprop);
+    0 for a group with neither (no momentum). Adam's default 0.9 gives 9. An optimizer without
+    the gate logits, which could never reach a target, is an error naming ``who``."""
+    logits = {id(gate.log_alpha) for _, gate in gates_of(model)}
+    for group in optimizer.param_groups:
+        if any(id(p) in logits for p in group["params"]):
+            momentum = float(group["betas"][0] if "betas" in group else group.get("momentum", 0.0))
+            return round(momentum / (1.0 - momentum), 9)  # 0.9 gives 9.0, not 9.000000000000002
+    raise ValueError(f"{who}: `optimizer` does not hold the model's gate logits, so no gate could close "
+                     "towards `target`; build it over lumos.param_groups(model, lr) or model.parameters()")
+
+
 def _clamp(value, low: float, high: float):
     """``value`` (a float, or a 0-dim tensor) clamped into [low, high]; NaN stays NaN, as in torch.clamp."""
     if isinstance(value, torch.Tensor):

@@ -25,7 +25,7 @@ from ..collapse import closed_gates, constant_message, predicts_constant
 from ..cost import check_cost, cost_model
 from ..gates import gates_of, model_sampler, step_gates_
 from . import distributed as ddp
-from .budget import BudgetController, check_target
+from .budget import BudgetController, check_target, momentum_lookahead
 from .checkpoint import (check_fingerprint, model_fingerprint, read_checkpoint, remove_stale_temp, rng_states,
                          save_atomic, set_rng_states, FORMAT, VERSION)
 from .data import LoaderData, TensorData, as_data, check_against_model, check_tensors
@@ -541,7 +541,9 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
             global state: shuffling then draws its seed from torch's RNG, and the gates keep
             their sampler's seed and step.
         controller_options: keyword arguments for the :class:`BudgetController` (``warmup``,
-            ``anneal``, ``lock``...).
+            ``anneal``, ``lock``...); ``lookahead`` defaults to the momentum of the optimizer's
+            gate-logit group (:func:`lumos.train.budget.momentum_lookahead`: 9 for Adam's 0.9,
+            0 for SGD without momentum).
         checkpoint: a file path. The run is saved there every ``checkpoint_every`` steps and at
             the end of every epoch (atomically: never a partial file); if the file exists, fit
             resumes from it (and says so on stderr) and ends with the same weights, to the bit
@@ -611,12 +613,13 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
         if isinstance(train_data, LoaderData):
             train_data.loader = ddp.shard_loader(train_data.loader, ranks, shuffle_seed % 2**31, who)
     generator = torch.Generator().manual_seed(shuffle_seed)
-    controller = None
-    if target is not None:
-        controller = BudgetController(model, target, epochs * _steps_per_epoch(train_data, batch_size), cost,
-                                      who=who, **(controller_options or {}))
     fit_built_optimizer = optimizer is None
     optimizer = optimizer if optimizer is not None else torch.optim.Adam(param_groups(model, lr))
+    controller = None
+    if target is not None:
+        options = {"lookahead": momentum_lookahead(optimizer, model, who), **(controller_options or {})}
+        controller = BudgetController(model, target, epochs * _steps_per_epoch(train_data, batch_size), cost,
+                                      who=who, **options)
     scheduler = _scheduler(scheduler, optimizer, who)
     store = None
     if checkpoint is not None:
