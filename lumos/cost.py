@@ -127,7 +127,10 @@ class CostModel:
                                             for g in self.gates]) if self.gates else torch.zeros(0, dtype=torch.float64)
         self._shift = per_unit(lambda g: g.beta * math.log(-g.gamma / g.zeta))
         self._t_low, self._t_up = per_unit(lambda g: g.t_l), per_unit(lambda g: g.t_u)
-        self._kept_above = per_unit(kept_threshold)
+        # the logit above which each unit's eval mask is non-zero (kept_bound): in float64, the soft
+        # count's centre; as float32 numbers, what float32 (and fp16, bf16) logits are compared with
+        self._kept_above = per_unit(lambda g: kept_bound(g, torch.float64))
+        self._kept_above_float32 = per_unit(lambda g: kept_bound(g, torch.float32))
         self._centres = torch.stack([self._shift, self._kept_above])  # p_open's and soft_kept's, (2, n_units)
         self._fixed_params = torch.tensor(self.fixed_params, dtype=torch.float64)
         self._moved: dict[tuple, torch.Tensor] = {}
@@ -276,13 +279,11 @@ class CostModel:
         either side. One concatenation and one comparison, where :meth:`kept_units` samples every
         eval mask: the measurement a training step can afford (:class:`lumos.BudgetController`)."""
         log_alpha = self._flat_log_alpha().detach()
-        key = ("kept_bound", log_alpha.device, log_alpha.dtype)
-        bound = self._moved.get(key)
-        if bound is None:
-            compute = torch.float64 if log_alpha.dtype == torch.float64 else torch.float32  # fp16, bf16: exact in fp32
-            bound = self._moved[key] = torch.cat([torch.full((g.n,), kept_bound(g, compute), dtype=compute)
-                                                  for g in self.gates]).to(log_alpha.device)
-        return log_alpha > bound
+        if log_alpha.dtype == torch.float64:
+            return log_alpha > self._on("_kept_above", log_alpha)
+        if log_alpha.dtype != torch.float32:
+            log_alpha = log_alpha.float()  # fp16, bf16: exact in float32, where their bounds are
+        return log_alpha > self._on("_kept_above_float32", log_alpha)
 
     def _q_expected(self, p: torch.Tensor) -> torch.Tensor:
         """``(..., n_groups)`` probability each group is alive, from ``p`` ``(..., n_units)``."""
@@ -392,16 +393,6 @@ class _ExpectedCost(torch.autograd.Function):
         d_p = torch.ones_like(p) if ctx.kind == "count" else ctx.costs._grad_p(p, *widths, ctx.kind)
         grad = torch.ops.aten.sigmoid_backward(d_p.mul_(grad_expected * ctx.scale), p)  # times p (1 - p)
         return (None, None, None, None, *grad.split(ctx.sizes))
-
-
-def kept_threshold(gate: HardConcreteGate) -> float:
-    """About the ``log_alpha`` above which ``gate``'s eval mask is non-zero: at or below the lower
-    threshold it is 0; inside the band it is ``z_hat``, non-zero above
-    ``logit(-gamma / (zeta - gamma))``; above the upper threshold it is 1."""
-    closed_max, open_min = log_alpha_bounds(gate.t_l, gate.t_u, gate.beta, gate.gamma, gate.zeta, torch.float64)
-    z_hat_positive = math.log(-gate.gamma / gate.zeta)  # logit(-gamma / (zeta - gamma))
-    above = max(closed_max, z_hat_positive)
-    return above if math.isnan(open_min) else min(open_min, above)
 
 
 def kept_bound(gate: HardConcreteGate, dtype: torch.dtype) -> float:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..cost import check_cost, cost_model
-from ..gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, gates_of, step_gates_
+from ..gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, gate_logits, gates_of, step_gates_
 from .penalty import check_gated, kept_fraction
 
 LAM_MAX = 1e3
@@ -299,7 +299,7 @@ def momentum_lookahead(optimizer: torch.optim.Optimizer, model: nn.Module, who: 
     ``model``'s gate logits (``betas[0]`` of Adam and its kin, ``momentum`` of SGD or RMSprop);
     0 for a group with neither (no momentum). Adam's default 0.9 gives 9. An optimizer without
     the gate logits, which could never reach a target, is an error naming ``who``."""
-    logits = {id(gate.log_alpha) for _, gate in gates_of(model)}
+    logits = {id(logit) for logit in gate_logits(model)}
     for group in optimizer.param_groups:
         if any(id(p) in logits for p in group["params"]):
             momentum = float(group["betas"][0] if "betas" in group else group.get("momentum", 0.0))
