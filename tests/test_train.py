@@ -96,6 +96,10 @@ def test_fit_takes_the_lookahead_from_the_optimizers_momentum(gated_mlp):
     weights = [p for name, p in gated_mlp.named_parameters() if not name.endswith("log_alpha")]
     with pytest.raises(ValueError, match="lumos.fit: `optimizer` does not hold the model's gate logits"):
         lumos.fit(gated_mlp, (x, y), target=0.5, epochs=1, progress=False, optimizer=torch.optim.Adam(weights))
+    for momentum in (1.0, 1.5):  # SGD takes both; the logits would never stop
+        with pytest.raises(ValueError, match=rf"lumos.fit: `optimizer` moves the gate logits with momentum {momentum}"):
+            lumos.fit(gated_mlp, (x, y), target=0.5, epochs=1, progress=False,
+                      optimizer=torch.optim.SGD(gated_mlp.parameters(), lr=1e-2, momentum=momentum))
 
 
 @pytest.mark.parametrize("host", [True, False])

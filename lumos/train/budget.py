@@ -298,11 +298,16 @@ def momentum_lookahead(optimizer: torch.optim.Optimizer, model: nn.Module, who: 
     keeps moving after its gradient stops, for the momentum ``b`` of the parameter group holding
     ``model``'s gate logits (``betas[0]`` of Adam and its kin, ``momentum`` of SGD or RMSprop);
     0 for a group with neither (no momentum). Adam's default 0.9 gives 9. An optimizer without
-    the gate logits, which could never reach a target, is an error naming ``who``."""
+    the gate logits, which could never reach a target, or with a momentum outside [0, 1) for
+    them, is an error naming ``who``."""
     logits = {id(logit) for logit in gate_logits(model)}
     for group in optimizer.param_groups:
         if any(id(p) in logits for p in group["params"]):
             momentum = float(group["betas"][0] if "betas" in group else group.get("momentum", 0.0))
+            if not 0.0 <= momentum < 1.0:  # torch.optim.SGD accepts momentum=1 and above
+                raise ValueError(f"{who}: `optimizer` moves the gate logits with momentum {momentum}; a logit "
+                                 "then never stops moving once its gradient does, so no target could be held: "
+                                 "use a momentum in [0, 1) for the gate logits' group")
             return round(momentum / (1.0 - momentum), 9)  # 0.9 gives 9.0, not 9.000000000000002
     raise ValueError(f"{who}: `optimizer` does not hold the model's gate logits, so no gate could close "
                      "towards `target`; build it over lumos.param_groups(model, lr) or model.parameters()")
