@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+from lumos.evaluation.training import train
 from lumos.workloads import cosmo3d, em_denoise, md_forces, molecules, vit_fields
 from lumos.workloads.graphs import GraphSet
 from lumos.workloads.spectral import apply_transfer, gaussian_random_fields, wavenumbers
@@ -218,6 +219,38 @@ def test_graph_set_shuffles_reproducibly_and_refuses_inconsistent_pointers():
     g = w1.val
     with pytest.raises(ValueError, match="GraphSet"):
         GraphSet(g.x, g.edge_index, g.edge_attr, g.node_ptr[:-1], g.edge_ptr, g.y)
+
+
+def test_graph_set_epoch_order_is_a_function_of_seed_and_epoch():
+    iterated, fresh = molecules.load("small", seed=3), molecules.load("small", seed=3)
+    for _ in iterated.train:  # an earlier pass (a dense phase) must not change a later run's batches
+        pass
+    orders = {}
+    for name, w in (("iterated", iterated), ("fresh", fresh)):
+        w.train.set_epoch(4)
+        orders[name] = torch.cat([yb for _, yb in w.train])
+    torch.testing.assert_close(orders["iterated"], orders["fresh"], rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([yb for _, yb in fresh.train]), orders["fresh"], rtol=0, atol=0)
+    fresh.train.set_epoch(5)
+    assert not torch.equal(torch.cat([yb for _, yb in fresh.train]), orders["fresh"])
+    reseeded = fresh.train.subset(torch.arange(len(fresh.train)), shuffle=True, seed=4)  # same graphs
+    reseeded.set_epoch(4)
+    assert not torch.equal(torch.cat([yb for _, yb in reseeded]), orders["fresh"])
+
+
+def test_fit_on_graph_batches_does_not_depend_on_earlier_passes():
+    w = molecules.load("small", seed=1)
+    trained = []
+    for earlier_passes in (0, 2):
+        for _ in range(earlier_passes):
+            for _ in w.train:
+                pass
+        torch.manual_seed(0)
+        model = w.make_model()
+        train(model, w, 2, name="dense", seed=0)
+        trained.append(model.state_dict())
+    for key, value in trained[0].items():
+        torch.testing.assert_close(trained[1][key], value, rtol=0, atol=0, msg=key)
 
 
 # -- vit_fields -----------------------------------------------------------------------------------

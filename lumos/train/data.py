@@ -115,10 +115,13 @@ class LoaderData:
             yield split_batch(batch, self.who, f"batch {index} of `{self.name}`", self.dtype)
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell a DistributedSampler which epoch's order to draw."""
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        """Tell the loader (one with its own ``set_epoch``, like a
+        :class:`~lumos.workloads.graphs.GraphSet`) or its sampler (a DistributedSampler) which
+        epoch's order to draw."""
+        for source in (self.loader, getattr(self.loader, "sampler", None)):
+            if hasattr(source, "set_epoch"):
+                source.set_epoch(epoch)
+                return
 
 
 def as_data(data, name: str, who: str, dtype: torch.dtype) -> TensorData | LoaderData | None:

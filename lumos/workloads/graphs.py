@@ -15,9 +15,12 @@ class GraphSet:
     """Graphs with node features, edges, edge features and one target row per graph.
 
     Iterating gives ``((x, edge_index, edge_attr, batch), y)`` batches of ``batch_size`` graphs
-    (the disjoint union of the graphs, node indices offset per graph); with ``shuffle`` every
-    iteration draws a new order from the set's own generator (seeded by ``seed``), so an epoch
-    sequence is reproducible.
+    (the disjoint union of the graphs, node indices offset per graph). With ``shuffle``, after
+    :meth:`set_epoch` the order is a pure function of ``(seed, epoch)`` (as with torch's
+    ``DistributedSampler``; :func:`lumos.fit` calls it every epoch), so a training run sees the
+    same batches whatever iterated the set before it, and a run resumed mid-epoch redraws the
+    order it left. Before any :meth:`set_epoch`, every iteration draws a new order from the set's
+    own generator (seeded by ``seed``).
 
     Args:
         x: ``(N, F)`` node features of all graphs, graph after graph.
@@ -43,8 +46,9 @@ class GraphSet:
             raise ValueError("GraphSet: node_ptr / edge_ptr do not end at the number of nodes / edges")
         self.x, self.edge_index, self.edge_attr, self.y = x, edge_index, edge_attr, y
         self.node_ptr, self.edge_ptr = node_ptr, edge_ptr
-        self.batch_size, self.shuffle = batch_size, shuffle
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self._generator = torch.Generator().manual_seed(seed)
+        self._epoch: int | None = None
 
     def __len__(self) -> int:
         return self.y.shape[0]
@@ -60,9 +64,20 @@ class GraphSet:
         inputs = (self.x[nodes], self.edge_index[:, edges] + offsets, self.edge_attr[edges], batch)
         return inputs, self.y[graphs]
 
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the order of the following iterations from ``(seed, epoch)`` alone."""
+        self._epoch = int(epoch)
+
+    def _order_generator(self) -> torch.Generator:
+        if self._epoch is None:
+            return self._generator
+        # Python hashes a tuple of ints alike in every process (PYTHONHASHSEED salts only str and
+        # bytes); unlike seed + epoch, neighbouring seeds do not replay each other's epochs.
+        return torch.Generator().manual_seed(hash((self.seed, self._epoch)) & (2**63 - 1))
+
     def __iter__(self):
         n = len(self)
-        order = torch.randperm(n, generator=self._generator) if self.shuffle else torch.arange(n)
+        order = torch.randperm(n, generator=self._order_generator()) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
             yield self.batch(order[start:start + self.batch_size])
 
