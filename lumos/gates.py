@@ -62,6 +62,7 @@ class GateSampler:
         self.current: list[torch.Tensor] | None = None
         self._table: tuple[int, int, torch.Tensor] | None = None  # (seed, first step, uniforms per step)
         self.seed, self.step = int(seed), 0
+        self.scaled = False  # whether some gate's lock_scale may differ from 1 (see HardConcreteGate)
         self._key = torch.tensor(0, dtype=torch.int64)
         self.reseed(seed)
         for gate in gates:
@@ -157,9 +158,12 @@ class GateSampler:
         gates = [self.gates[i] for i in members]
         start = gates[0].offset
         uniform = None if uniforms is None else uniforms[start:start + sum(g.n for g in gates)]
-        return hard_concrete_parts([g.log_alpha for g in gates], seed=self._key if training else 0, offset=start,
-                                   training=training, t_l=t_l, t_u=t_u, beta=beta, gamma=gamma, zeta=zeta,
-                                   noise_range=noise_range, uniform=uniform)
+        masks = hard_concrete_parts([g.log_alpha for g in gates], seed=self._key if training else 0, offset=start,
+                                    training=training, t_l=t_l, t_u=t_u, beta=beta, gamma=gamma, zeta=zeta,
+                                    noise_range=noise_range, uniform=uniform)
+        if not self.scaled:
+            return masks
+        return tuple(mask * gate.lock_scale.to(mask.dtype) for mask, gate in zip(masks, gates))
 
     def flat_masks(self, training: bool) -> torch.Tensor:
         """Every bound gate's mask concatenated in binding order."""
@@ -178,7 +182,11 @@ class HardConcreteGate(nn.Module):
         z_j \text{ otherwise}
 
     where ``z`` is a hard-concrete sample in training and ``z_hat`` in eval. The same
-    thresholds apply in both modes, so the eval model is the model that was trained.
+    thresholds apply in both modes, so the eval model is the model that was trained. The mask is
+    then multiplied by the buffer ``lock_scale`` ``(n,)``: 1 until the budget lock
+    (:class:`lumos.BudgetController`, :func:`lumos.train.budget.lock_to_budget`) pins the gates
+    open or closed; a unit it keeps open then keeps its eval value there as a constant, so
+    that pinning changes the architecture but not what the model computes.
     The training sample is a pure function of ``log_alpha`` and of this gate's
     :class:`GateSampler` (seed, step) and ``offset``: see :class:`GateSampler`.
 
@@ -221,6 +229,7 @@ class HardConcreteGate(nn.Module):
         self.init_drop_rate, self.init_noise = float(init_drop_rate), float(init_noise)
         self._noise_range = float(noise_range)
         self.log_alpha = nn.Parameter(torch.empty(n, dtype=torch.float32, device=device))
+        self.register_buffer("lock_scale", torch.ones(n, dtype=torch.float32, device=device))
         GateSampler(0, [self])  # its own noise until a GatedModel binds it to the model's sampler
         self.reset_parameters()
 
@@ -228,6 +237,7 @@ class HardConcreteGate(nn.Module):
         p = self.init_drop_rate
         with torch.no_grad():
             self.log_alpha.normal_(math.log(1 - p) - math.log(p), self.init_noise)
+            self.lock_scale.fill_(1.0)
 
     @property
     def sampler(self) -> GateSampler:
@@ -243,6 +253,14 @@ class HardConcreteGate(nn.Module):
         check_gate_params(self.t_l, self.t_u, self.beta, self.gamma, self.zeta, value)
         self._noise_range = float(value)
         self._sampler.invalidate()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "lock_scale"
+        if key not in state_dict and prefix + "log_alpha" in state_dict:  # saved before lock_scale existed
+            state_dict = {**state_dict, key: torch.ones_like(self.lock_scale)}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not bool((self.lock_scale == 1).all()):
+            self._sampler.scaled = True
 
     def _hyper(self) -> tuple:
         return (self.t_l, self.t_u, self.beta, self.gamma, self.zeta, self._noise_range)
@@ -307,6 +325,35 @@ def gate_logits(model: nn.Module) -> list[nn.Parameter]:
     sampler = model_sampler(model)
     gates = sampler.gates if sampler is not None else [g for _, g in gates_of(model)]
     return [g.log_alpha for g in gates]
+
+
+@torch.no_grad()
+def eval_masks(gates: list[HardConcreteGate]) -> list[torch.Tensor]:
+    """Each gate's :meth:`~HardConcreteGate.eval_mask`, with one sampling pass per sampler."""
+    drawn = {id(g.sampler): g.sampler.draw(False) for g in gates}
+    return [drawn[id(g.sampler)][g._index] for g in gates]
+
+
+@torch.no_grad()
+def pin_gates_(gates: list[HardConcreteGate], keep: torch.Tensor, when: torch.Tensor | None = None) -> None:
+    """Pin every unit of ``gates`` open (``keep``, ``(sum n,)`` bool in gate order) or closed, without
+    changing what the model computes through the units kept: a kept unit's mask becomes exactly 1
+    times its ``lock_scale``, which takes the unit's eval value now (1 for a unit that was closed:
+    it reopens whole). ``when``: a 0-dim bool tensor; the pinning happens only where it is true
+    (no read-back, for accelerators)."""
+    logits = [g.log_alpha for g in gates]
+    sizes = [g.n for g in gates]
+    before = torch.cat(eval_masks(gates)).to(logits[0].dtype)
+    scale = torch.where(keep & (before > 0), before, torch.ones_like(before))
+    pinned = torch.where(keep, LOG_ALPHA_MAX, LOG_ALPHA_MIN).to(logits[0].dtype)
+    old_scale = torch.cat([g.lock_scale for g in gates])
+    if when is not None:
+        pinned = torch.where(when, pinned, torch.cat([t.detach() for t in logits]))
+        scale = torch.where(when, scale, old_scale)
+    torch._foreach_copy_(logits, list(pinned.split(sizes)))
+    torch._foreach_copy_([g.lock_scale for g in gates], list(scale.to(old_scale.dtype).split(sizes)))
+    for gate in gates:
+        gate.sampler.scaled = True
 
 
 @torch.no_grad()

@@ -511,6 +511,81 @@ def test_lock_fixes_the_largest_model_within_the_target():
     assert count_params(lumos.compact(gated, x)) == pytest.approx(kept * count_params(model))
 
 
+def _in_band_gated(seed: int = 0):
+    model, x = mlp_zoo()["relu_3hidden"]
+    gated = lumos.gate(model, x)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, gate in lumos.gates_of(gated):  # every unit inside the stochastic band: 0 < z_hat < 1
+            gate.log_alpha.copy_(torch.rand(gate.n, generator=g) * 2 - 1)
+    return gated.eval(), x
+
+
+def test_pinning_the_gates_keeps_what_the_model_computes_through_the_kept_units():
+    """The budget lock pins every unit open or closed; a kept unit inside the band keeps its eval value
+    (its lock_scale) instead of jumping to 1, so the model the lock fixes computes what it computed."""
+    from lumos.gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, pin_gates_
+
+    gated, x = _in_band_gated()
+    gates = [g for _, g in lumos.gates_of(gated)]
+    before = [g.eval_mask().clone() for g in gates]
+    assert all(((m > 0) & (m < 1)).any() for m in before)
+    out = gated(x)
+    pin_gates_(gates, torch.ones(sum(g.n for g in gates), dtype=torch.bool))
+    torch.testing.assert_close(gated(x), out, rtol=0, atol=0)
+    assert all(bool((g.log_alpha == LOG_ALPHA_MAX).all()) for g in gates)
+    torch.testing.assert_close(gated.train()(x), out, rtol=0, atol=0)  # no noise left in training either
+    torch.testing.assert_close(lumos.compact(gated.eval(), x)(x), out, rtol=1e-5, atol=1e-6)
+
+    gated, x = _in_band_gated()  # keep every other unit: the kept ones keep their values, the others close
+    gates = [g for _, g in lumos.gates_of(gated)]
+    before = torch.cat([g.eval_mask() for g in gates])
+    keep = torch.arange(before.numel()) % 2 == 0
+    pin_gates_(gates, keep)
+    after = torch.cat([g.eval_mask() for g in gates])
+    torch.testing.assert_close(after, torch.where(keep, before, torch.zeros_like(before)), rtol=0, atol=0)
+    assert bool((torch.cat([g.log_alpha.detach() for g in gates]) == torch.where(keep, LOG_ALPHA_MAX,
+                                                                               LOG_ALPHA_MIN)).all())
+
+
+def test_pinning_on_a_device_condition_and_the_deadline_lock_keep_the_kept_units_values():
+    from lumos.gates import pin_gates_
+
+    gated, x = _in_band_gated(seed=1)
+    gates = [g for _, g in lumos.gates_of(gated)]
+    logits = [g.log_alpha.detach().clone() for g in gates]
+    everything = torch.ones(sum(g.n for g in gates), dtype=torch.bool)
+    pin_gates_(gates, everything, when=torch.tensor(False))  # the controller's accelerator path, no lock yet
+    for gate, logit in zip(gates, logits):
+        assert torch.equal(gate.log_alpha.detach(), logit) and bool((gate.lock_scale == 1).all())
+    out = gated(x)
+    pin_gates_(gates, everything, when=torch.tensor(True))
+    torch.testing.assert_close(gated(x), out, rtol=0, atol=0)
+
+    gated, x = _in_band_gated(seed=2)  # lock_to_budget with room for every unit: nothing changes
+    out = gated(x)
+    lumos.train.budget.lock_to_budget(gated, 1.0)
+    torch.testing.assert_close(gated(x), out, rtol=0, atol=0)
+
+
+def test_lock_scales_travel_in_the_state_dict_and_old_state_dicts_load():
+    from lumos.gates import pin_gates_
+
+    gated, x = _in_band_gated(seed=3)
+    old = {k: v.clone() for k, v in gated.state_dict().items() if not k.endswith("lock_scale")}  # saved before they existed
+    unpinned = gated(x)
+    gates = [g for _, g in lumos.gates_of(gated)]
+    pin_gates_(gates, torch.ones(sum(g.n for g in gates), dtype=torch.bool))
+    out, state = gated(x), gated.state_dict()
+    assert any(k.endswith("lock_scale") for k in state)
+    fresh, _ = _in_band_gated(seed=4)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(x), out, rtol=0, atol=0)
+    fresh.load_state_dict(old)
+    assert all(bool((g.lock_scale == 1).all()) for _, g in lumos.gates_of(fresh))
+    torch.testing.assert_close(fresh(x), unpinned, rtol=0, atol=0)
+
+
 def test_penalty_refuses_nan_logits_naming_the_gate(gated_mlp):
     with torch.no_grad():
         gated_mlp.model[2].out_gate.log_alpha[3] = float("nan")
