@@ -363,7 +363,8 @@ def test_torch_checkpoint_loads_into_gated_model():
     gated = lumos.gate(_Tagger(), _tagger_inputs())  # other weights
     result = gated.model.load_state_dict(_saved(model.state_dict()), strict=False)
     assert not result.unexpected_keys
-    assert sorted(result.missing_keys) == [f"encoder.layers.{i}.linear1.out_gate.log_alpha" for i in range(2)]
+    assert sorted(result.missing_keys) == [f"encoder.layers.{i}.linear1.out_gate.{key}"
+                                           for i in range(2) for key in ("lock_scale", "log_alpha")]
     for _, gate in lumos.gates_of(gated):
         gate.log_alpha.data.fill_(OPEN)
     inputs = _tagger_inputs(seed=2)
