@@ -568,6 +568,55 @@ def test_pinning_on_a_device_condition_and_the_deadline_lock_keep_the_kept_units
     torch.testing.assert_close(gated(x), out, rtol=0, atol=0)
 
 
+def test_the_lock_pins_the_kept_units_at_their_eval_values_or_at_one_whichever_fits_the_batch():
+    from lumos.gates import pin_gates_
+    from lumos.train.budget import pin_to_lower_loss_
+
+    outputs = {}
+    for keep_values in (True, False):
+        gated, x = _in_band_gated(seed=5)
+        gates = [g for _, g in lumos.gates_of(gated)]
+        pin_gates_(gates, torch.ones(sum(g.n for g in gates), dtype=torch.bool), keep_values=keep_values)
+        outputs[keep_values] = (gated(x).detach(), torch.cat([g.lock_scale for g in gates]))
+    assert not torch.equal(outputs[True][1], outputs[False][1])
+    for wanted in (True, False, "nan", None):
+        gated, x = _in_band_gated(seed=5)
+        gates = [g for _, g in lumos.gates_of(gated)]
+        calls = []
+
+        def closure():
+            calls.append(1)
+            return torch.tensor(float("nan")) if wanted == "nan" else F.mse_loss(gated(x), outputs[wanted][0])
+
+        pin_to_lower_loss_(gates, torch.ones(sum(g.n for g in gates), dtype=torch.bool),
+                           None if wanted is None else closure)
+        chosen = wanted if isinstance(wanted, bool) else True  # NaN or no closure: the eval values
+        torch.testing.assert_close(gated(x), outputs[chosen][0], rtol=0, atol=0)
+        torch.testing.assert_close(torch.cat([g.lock_scale for g in gates]), outputs[chosen][1], rtol=0, atol=0)
+        assert len(calls) == (0 if wanted is None else 2)
+
+
+def test_fit_passes_the_batch_to_the_lock_once(gated_mlp, monkeypatch):
+    """fit's controller gets this batch's loss as its closure; the lock calls it for its two choices,
+    once in the run, in eval mode."""
+    from lumos.train import budget
+
+    seen, modes, inside = [], [], []
+    original = budget.pin_to_lower_loss_
+
+    def spy(gates, keep, closure):
+        seen.append(closure)
+        inside.append(True)
+        original(gates, keep, closure)
+        inside.clear()
+
+    monkeypatch.setattr(budget, "pin_to_lower_loss_", spy)
+    gated_mlp.register_forward_pre_hook(lambda module, args: modes.append(module.training) if inside else None)
+    x, y = torch.randn(256, 6), torch.randn(256, 2)
+    lumos.fit(gated_mlp, (x, y), target=0.5, epochs=8, batch_size=32, progress=False)
+    assert len(seen) == 1 and callable(seen[0]) and modes == [False, False]
+
+
 def test_lock_scales_travel_in_the_state_dict_and_old_state_dicts_load():
     from lumos.gates import pin_gates_
 

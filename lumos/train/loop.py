@@ -74,7 +74,8 @@ class Callback:
 
 def train_step(model: nn.Module, inputs: tuple, target: torch.Tensor, optimizer: torch.optim.Optimizer,
                loss_fn: Callable = nn.functional.mse_loss, controller: BudgetController | None = None,
-               lam: float = 0.0, cost: str = "params", forward: nn.Module | None = None) -> torch.Tensor:
+               lam: float = 0.0, cost: str = "params", forward: nn.Module | None = None,
+               eval_forward: nn.Module | None = None, lock_on_batch: bool = True) -> torch.Tensor:
     """One optimiser step on one batch; returns the detached task loss (no host sync).
 
     ``loss_fn(forward(*inputs), target)`` plus the L0 term: ``controller.penalty`` with a
@@ -82,7 +83,11 @@ def train_step(model: nn.Module, inputs: tuple, target: torch.Tensor, optimizer:
     (nothing when ``lam`` is 0). After ``optimizer.step()``, ``controller.step()`` or
     :func:`lumos.step_gates_` finishes the gates' step (clamp, next noise). ``forward`` is what
     computes the output (``model`` wrapped in DDP, ``torch.compile`` or autocast); default
-    ``model``.
+    ``model``. ``eval_forward``: what computes it in evaluation (default ``forward``). With
+    ``lock_on_batch`` the controller's lock compares its two ways of pinning the gates by the loss
+    of this batch through ``eval_forward`` in eval mode (:meth:`BudgetController.step`'s
+    ``closure``); a data-parallel run passes False, its ranks holding different batches but
+    having to pin alike.
     """
     task = loss_fn((forward if forward is not None else model)(*inputs), target)
     loss = task
@@ -95,10 +100,27 @@ def train_step(model: nn.Module, inputs: tuple, target: torch.Tensor, optimizer:
     loss.backward()
     optimizer.step()
     if controller is not None:
-        controller.step()
+        closure = None
+        if lock_on_batch:
+            chosen = eval_forward if eval_forward is not None else forward if forward is not None else model
+            closure = _batch_loss(model, chosen, inputs, target, loss_fn)
+        controller.step(closure)
     else:
         step_gates_(model)
     return task.detach()
+
+
+def _batch_loss(model: nn.Module, forward: nn.Module, inputs: tuple, target: torch.Tensor, loss_fn: Callable):
+    """A closure giving ``loss_fn`` on this batch with ``model`` in eval mode (batch norm's running
+    statistics untouched, no dropout), then back in the mode it was in."""
+    def closure() -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return loss_fn(forward(*inputs), target)
+        finally:
+            model.train(was_training)
+    return closure
 
 
 @torch.no_grad()
@@ -228,7 +250,8 @@ class FitLoop:
         for inputs, target in self._epoch_batches(data, batch_size):
             inputs, target = _to(inputs, self.device), target.to(self.device, non_blocking=True)
             task = train_step(self.model, inputs, target, self.optimizer, self.loss_fn, self.controller,
-                              self.lam, self.cost, forward=self.forward)
+                              self.lam, self.cost, forward=self.forward,
+                              eval_forward=self.eval_forward, lock_on_batch=self.ranks is None)
             self._losses.append(task)
             self._rows.append(target.shape[0])
             self._grads.append(self._grad_norms())
