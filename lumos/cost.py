@@ -24,7 +24,7 @@ from torch import nn
 from lumos_kernels.hard_concrete import log_alpha_bounds, nearest_on_side
 
 from .plan import LayerCost, Space, plan_model
-from .gates import HardConcreteGate, gates_of
+from .gates import HardConcreteGate, eval_masks, gates_of
 from .nn import FeatureGate
 
 COSTS = ("count", "params", "flops")
@@ -266,10 +266,7 @@ class CostModel:
     @torch.no_grad()
     def kept_units(self) -> torch.Tensor:
         """``(n_units,)`` bool: which gate units the eval masks keep, in gate order."""
-        sampler = self.gates[0].sampler
-        if sampler.gates == self.gates:  # a GatedModel's gates: one sampling call
-            return sampler.flat_masks(False) > 0
-        return torch.cat([g.kept() for g in self.gates])
+        return torch.cat(eval_masks(self.gates)) > 0  # a GatedModel's gates: one sampling call
 
     @torch.no_grad()
     def units_above_threshold(self) -> torch.Tensor:

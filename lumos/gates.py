@@ -165,11 +165,6 @@ class GateSampler:
             return masks
         return tuple(mask * gate.lock_scale.to(mask.dtype) for mask, gate in zip(masks, gates))
 
-    def flat_masks(self, training: bool) -> torch.Tensor:
-        """Every bound gate's mask concatenated in binding order."""
-        masks = self.draw(training)
-        return torch.cat(masks) if len(masks) > 1 else masks[0]
-
 
 class HardConcreteGate(nn.Module):
     r"""One learnable gate per prunable unit (feature, neuron, channel, head).
@@ -335,20 +330,16 @@ def eval_masks(gates: list[HardConcreteGate]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def pin_gates_(gates: list[HardConcreteGate], keep: torch.Tensor, when: torch.Tensor | None = None,
-               keep_values: bool = True) -> None:
-    """Pin every unit of ``gates`` open (``keep``, ``(sum n,)`` bool in gate order) or closed.
-
-    ``keep_values=True``: without changing what the eval-mode model computes through the units
-    kept: a kept unit's mask becomes exactly 1 times its ``lock_scale``, which takes the unit's
-    eval value now (1 for a unit that was closed: it reopens whole). ``keep_values=False``: every
-    kept unit's mask becomes exactly 1 (``lock_scale`` 1). ``when``: a 0-dim bool tensor; the
-    pinning happens only where it is true (no read-back, for accelerators)."""
+def pin_gates_(gates: list[HardConcreteGate], keep: torch.Tensor, when: torch.Tensor | None = None) -> None:
+    """Pin every unit of ``gates`` open (``keep``, ``(sum n,)`` bool in gate order) or closed,
+    without changing what the eval-mode model computes through the units kept: a kept unit's
+    mask becomes exactly 1 times its ``lock_scale``, which takes the unit's eval value now (1 for
+    a unit that was closed: it reopens whole). ``when``: a 0-dim bool tensor; the pinning happens
+    only where it is true (no read-back, for accelerators)."""
     logits = [g.log_alpha for g in gates]
     sizes = [g.n for g in gates]
     before = torch.cat(eval_masks(gates)).to(logits[0].dtype)
-    scale = torch.where(keep & (before > 0), before, torch.ones_like(before)) if keep_values \
-        else torch.ones_like(before)
+    scale = torch.where(keep & (before > 0), before, torch.ones_like(before))
     pinned = torch.where(keep, LOG_ALPHA_MAX, LOG_ALPHA_MIN).to(logits[0].dtype)
     old_scale = torch.cat([g.lock_scale for g in gates])
     if when is not None:

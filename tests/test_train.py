@@ -576,7 +576,10 @@ def test_the_lock_pins_the_kept_units_at_their_eval_values_or_at_one_whichever_f
     for keep_values in (True, False):
         gated, x = _in_band_gated(seed=5)
         gates = [g for _, g in lumos.gates_of(gated)]
-        pin_gates_(gates, torch.ones(sum(g.n for g in gates), dtype=torch.bool), keep_values=keep_values)
+        pin_gates_(gates, torch.ones(sum(g.n for g in gates), dtype=torch.bool))
+        if not keep_values:  # every kept unit at exactly 1
+            for gate in gates:
+                gate.lock_scale.fill_(1.0)
         outputs[keep_values] = (gated(x).detach(), torch.cat([g.lock_scale for g in gates]))
     assert not torch.equal(outputs[True][1], outputs[False][1])
     for wanted in (True, False, "nan", None):

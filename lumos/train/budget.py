@@ -79,8 +79,8 @@ class BudgetController:
        inside the stochastic band keeps its eval value as a constant ``lock_scale`` instead of
        jumping to 1 (measured on ``molecules`` full, seed 0: pinning to 1 took the validation
        R2 from 0.76 to -40, and Adam's second moments, filled by that step's gradients, held
-       the model near R2 0 for the remaining 20 epochs). If that has not happened by ``lock``, :func:`lock_to_budget` fixes the
-       largest model within ``target`` by ranking ``log_alpha``.
+       the model near R2 0 for the remaining 20 epochs). If that has not happened by ``lock``,
+       :func:`lock_to_budget` fixes the largest model within ``target`` by ranking ``log_alpha``.
 
     With ``lock=None`` the controller keeps tracking ``target`` to the end. On an accelerator
     everything stays on the device: no step reads a value back to the host. On CPU, where
@@ -354,31 +354,27 @@ def pin_to_lower_loss_(gates: list, keep: torch.Tensor, closure: Callable[[], to
     validation R2 from 0.76 to -40); keeping their eval values keeps the eval-mode model, which
     can itself be far from the network training saw (late_quadratic at Adam lr 1e-3: eval-mode
     R2 0.01 just before the lock, 0.73 with every kept unit at 1). The batch decides."""
+    pin_gates_(gates, keep)
     if closure is None:
-        pin_gates_(gates, keep)
         return
-    logits = [g.log_alpha.detach().clone() for g in gates]
-    scales = [g.lock_scale.clone() for g in gates]
-    losses = []
-    for keep_values in (True, False):
-        torch._foreach_copy_([g.log_alpha for g in gates], logits)
-        torch._foreach_copy_([g.lock_scale for g in gates], scales)
-        pin_gates_(gates, keep, keep_values=keep_values)
-        losses.append(float(closure()))
-    if not losses[1] < losses[0]:
-        torch._foreach_copy_([g.log_alpha for g in gates], logits)
-        torch._foreach_copy_([g.lock_scale for g in gates], scales)
-        pin_gates_(gates, keep)
+    # the logits are pinned alike either way: the two choices differ in the kept units' scales only
+    scales = [g.lock_scale for g in gates]
+    eval_values = [scale.clone() for scale in scales]
+    loss_eval_values = float(closure())
+    for scale in scales:
+        scale.fill_(1.0)
+    if not float(closure()) < loss_eval_values:
+        torch._foreach_copy_(scales, eval_values)
 
 
 @torch.no_grad()
 def lock_to_budget(model: nn.Module, target: float, cost: str = "params",
                    closure: Callable[[], torch.Tensor] | None = None) -> None:
     """Fix ``model``'s architecture at the largest one within ``target``: the ``k`` gate units with
-    the largest ``log_alpha`` are pinned open, every other one closed (:func:`lumos.gates.pin_gates_`:
-    a kept unit keeps its eval value as its ``lock_scale``, or is set to exactly 1 where that
-    gives ``closure`` a lower loss: :func:`pin_to_lower_loss_`), with the largest ``k`` whose model costs at most ``target`` of the
-    dense ``cost`` (binary search on ``k`` with the exact cost of the eval masks; ties broken by
+    the largest ``log_alpha`` are pinned open, every other one closed
+    (:func:`lumos.gates.pin_gates_`: a kept unit keeps its eval value as its ``lock_scale``, or
+    is set to exactly 1 where that gives ``closure`` a lower loss: :func:`pin_to_lower_loss_`),
+    with the largest ``k`` whose model costs at most ``target`` of the dense ``cost`` (binary search on ``k`` with the exact cost of the eval masks; ties broken by
     unit order). A gate that keeps any unit now keeps at least its best one, even where that
     exceeds ``target``: ranking units across layers must not remove a layer that training kept
     (a closed layer on the input's path would make the model a constant). A fixed number of
