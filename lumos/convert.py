@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from .plan import check_not_meta, plan_model
 from .plan.planner import kept_whole as modules_kept_whole
+from .plan.planner import shared_with
 from .plan.record import Whole
 from .plan.trace import has_hooks
 from .model import GatedModel, as_input_tuple
@@ -74,6 +75,9 @@ def _whole_reason(gm, name: str, calls: Counter) -> str:
         return "called more than once per forward (shared weights)"
     if any(n.op == "get_attr" and n.target.startswith(name + ".") for n in gm.graph.nodes):
         return "its weights are also read directly in forward (tied weights)"
+    other = shared_with(gm).get(name)
+    if other is not None:
+        return f"holds the same parameter tensor as `{other}` (tied weights)"
     if name in gm.meta.get("lumos_user_leaves", ()):
         return "named in leaf_modules (kept whole)"
     return ("compaction keeps it whole: lumos has no rule for this configuration or call (e.g. "

@@ -49,6 +49,51 @@ def test_tied_weights_stay_tied_and_exact():
     assert not torch.allclose(compacted(x), gated.eval()(x))
 
 
+class TiedModules(nn.Module):
+    """Two layers holding one weight tensor (``b.weight = a.weight``), as users tie them."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        self.mid, self.head = nn.Linear(8, 12), nn.Linear(12, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(torch.relu(self.inp(x))))))
+        return self.head(torch.relu(self.mid(h)))
+
+
+def test_layers_holding_one_weight_tensor_stay_ungated_tied_and_exact():
+    x = torch.randn(6, 6)
+    gated = lumos.gate(TiedModules(), x)
+    assert "same parameter tensor as `b`" in gated.skipped["a"]
+    assert "same parameter tensor as `a`" in gated.skipped["b"]
+    assert gated.model.a.weight is gated.model.b.weight  # still one tensor while training
+    assert "needs every channel" in gated.skipped["inp"]  # a reads every input channel of the tied weight
+    assert isinstance(gated.model.mid, lumos.nn.GatedLinear)
+    randomize_gates(gated, seed=3)
+    compacted = lumos.compact(gated, x)
+    assert compacted.a.weight is compacted.b.weight
+    assert compacted.a.in_features == 8  # its input channels cannot go: b reads the same columns
+    _assert_exact(compacted, gated, torch.randn(11, 6))
+
+
+class TwoGatedLayersOneWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = lumos.nn.GatedLinear(6, 6), lumos.nn.GatedLinear(6, 6)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_gated_layers_holding_one_weight_tensor_are_refused_naming_both():
+    with pytest.raises(CompactionError, match=r"gated layer `a` holds the same parameter tensor as `b`.*untie"):
+        lumos.compact(TwoGatedLayersOneWeight(), torch.randn(4, 6))
+
+
 class TiedGatedByHand(nn.Module):
     def __init__(self):
         super().__init__()

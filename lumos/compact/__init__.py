@@ -19,6 +19,7 @@ from ..collapse import closed_gates, constant_message, predicts_constant
 from ..model import GatedModel, as_input_tuple
 from ..nn import FeatureGate
 from ..plan import CompactionError, TraceError, check_gates, check_not_meta, default_inputs, plan_model
+from ..plan.planner import shared_with
 from .builder import copy_hooks
 from .check import self_check
 from .nest import nest
@@ -29,8 +30,14 @@ __all__ = ["CompactionError", "TraceError", "compact", "check_gates"]
 
 
 def _refuse_tied_gated_layers(plan) -> None:
-    """A gated layer whose parameter is also read directly (tied weights) cannot keep its tie
-    once its gates are folded into its weights."""
+    """A gated layer whose parameter is also read directly or held by another module (tied
+    weights) cannot keep its tie once its gates are folded into its weights."""
+    for target, other in shared_with(plan.gm).items():
+        if is_gated(plan.gm.get_submodule(target)):
+            raise CompactionError(
+                f"lumos.compact: gated layer `{target}` holds the same parameter tensor as `{other}` (tied "
+                "weights); folding its gates would untie them. lumos.gate leaves such layers ungated: gate the "
+                "original model with lumos.gate, or untie the weights")
     for node in plan.gm.graph.nodes:
         if node.op != "get_attr":
             continue

@@ -40,6 +40,12 @@ def without_parametrizations(module: nn.Module) -> nn.Module:
     return module.train(training)
 
 
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``module``, a tensor held twice listed twice."""
+    return [t for _, t in [*module.named_parameters(remove_duplicate=False),
+                           *module.named_buffers(remove_duplicate=False)]]
+
+
 def eval_mask(gate, n: int) -> torch.Tensor:
     """``(n,)`` float64 CPU eval mask of ``gate`` (all ones when there is no gate), for folding."""
     return torch.ones(n, dtype=torch.float64) if gate is None else gate.eval_mask().double().cpu()
@@ -74,6 +80,7 @@ class Builder:
         self._inplace_kept = {n.target for n in plan.gm.graph.nodes if n.op == "call_module"
                               and n.name not in self.functionalized
                               and getattr(plan.module(n), "inplace", False) is True}
+        self._tensor_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         tensors = [*plan.gm.parameters(), *plan.gm.buffers()]
         self.device = tensors[0].device if tensors else torch.device("cpu")  # where new layers go
         self.dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
@@ -107,7 +114,7 @@ class Builder:
         target = node.target
         if node.op == "call_module":
             original = self.plan.module(node)
-            module = without_parametrizations(copy.deepcopy(original))
+            module = without_parametrizations(self._deepcopy(original))
             copy_hooks(original, module)
             if node.name in self.functionalized and getattr(module, "inplace", False):
                 module.inplace = False
@@ -119,6 +126,15 @@ class Builder:
         new = self.emit(node.op, target, self.arg(node.args), self.arg(node.kwargs))
         self.env[node] = new
         return new
+
+    def _deepcopy(self, module: nn.Module) -> nn.Module:
+        """A deep copy of ``module`` whose tensors also held by a module copied before are that
+        copy's tensors: layers holding one weight tensor (tied) still hold one in the result."""
+        memo = {key: twin for key, (_, twin) in self._tensor_copies.items()}
+        twin = copy.deepcopy(module, memo)
+        for t, t_twin in zip(_tensors(module), _tensors(twin)):
+            self._tensor_copies.setdefault(id(t), (t, t_twin))  # the original kept: its id stays its own
+        return twin
 
     def _attr_copy(self, target: str):
         obj = self.plan.gm

@@ -81,15 +81,36 @@ def _stateful(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
+def shared_with(gm: fx.GraphModule) -> dict[str, str]:
+    """Called modules that hold a parameter or buffer also held by a module outside them (tied
+    weights, e.g. ``decoder.weight = encoder.weight``), each mapped to the name of one such
+    other module."""
+    owners: dict[int, list[str]] = {}
+    for name, module in gm.named_modules():
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            owners.setdefault(id(t), []).append(name)
+    shared = {}
+    for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module"):  # graph order
+        inside = lambda name: name == target or name.startswith(target + ".")  # noqa: E731
+        module = gm.get_submodule(target)
+        for t in [*module.parameters(), *module.buffers()]:
+            other = next((name for name in owners.get(id(t), ()) if not inside(name)), None)
+            if other is not None:
+                shared[target] = other
+                break
+    return shared
+
+
 def kept_whole(gm: fx.GraphModule) -> set[str]:
     """Targets of modules the plan keeps whole: user leaves and hooked modules, modules with
     parameters or buffers called more than once (one compacted copy could not serve calls that
     keep different channels; a module without state is a function and may be reused), and
-    modules whose parameters are also read directly (tied weights: the compacted model must
-    read the same tensor)."""
+    modules whose parameters are also read directly or held by another module (tied weights:
+    the compacted model must read the same tensor)."""
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     whole = set(gm.meta.get("lumos_user_leaves", set()))
     whole |= {t for t, count in calls.items() if count > 1 and _stateful(gm.get_submodule(t))}
+    whole |= set(shared_with(gm))
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             owner = node.target.rpartition(".")[0]
