@@ -214,7 +214,7 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"lumos.gate: `model` must be a torch.nn.Module, got {type(model).__name__}")
-    example_inputs = as_input_tuple(example_inputs, "lumos.gate")
+    example_inputs = as_input_tuple(example_inputs, "lumos.gate", features)
     check_not_meta(model, example_inputs, "lumos.gate")
     supported = [name for name, m in model.named_modules() if type(m) in GATED_LAYERS]
     if not supported:

@@ -10,8 +10,11 @@ from .gates import GateSampler, gates_of
 from .nn import FeatureGate
 
 
-def as_input_tuple(example_inputs, who: str) -> tuple:
-    """Normalise ``example_inputs`` (a tensor or a tuple/list of them) to a tuple, checking it."""
+def as_input_tuple(example_inputs, who: str, features: bool = True) -> tuple:
+    """Normalise ``example_inputs`` (a tensor or a tuple/list of them) to a tuple, checking it.
+
+    ``features``: the first input holds features that a :class:`lumos.nn.FeatureGate` scales, so
+    it must be floating point; without one it may be anything a model takes first (token ids)."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
@@ -22,10 +25,11 @@ def as_input_tuple(example_inputs, who: str) -> tuple:
     first = example_inputs[0]
     if not isinstance(first, torch.Tensor):
         raise TypeError(f"{who}: the first example input must be a tensor, got {type(first).__name__}")
-    if not first.is_floating_point():
+    if features and not first.is_floating_point():
         raise TypeError(
             f"{who}: the first example input (the features) must be floating point, got {first.dtype}; "
-            "convert it with .float()"
+            "convert it with .float(), or pass features=False to lumos.gate (no input feature gate: "
+            "token ids, class labels)"
         )
     if first.dim() == 0:
         raise ValueError(f"{who}: the first example input must have a feature dimension, got a scalar")
@@ -77,3 +81,9 @@ class GatedModel(nn.Module):
     @property
     def feature_names(self) -> list[str] | None:
         return self.feature_gate.feature_names if self.feature_gate is not None else None
+
+
+def has_feature_gate(model: nn.Module) -> bool:
+    """Whether ``model`` holds a :class:`lumos.nn.FeatureGate` (its first input is then features)."""
+    return any(isinstance(m, FeatureGate) for m in model.modules())
+

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .gates import HardConcreteGate
-from .model import as_input_tuple
+from .model import as_input_tuple, has_feature_gate
 from .nn import FeatureGate
 from .plan import check_gates, check_not_meta, default_inputs, plan_model
 from .plan.record import count_params
@@ -139,7 +139,7 @@ def report(gated: nn.Module, example_inputs=None, *, leaf_modules=None) -> Repor
     """
     if not isinstance(gated, nn.Module):
         raise TypeError(f"lumos.report: `gated` must be an nn.Module, got {type(gated).__name__}")
-    inputs = as_input_tuple(example_inputs, "lumos.report") if example_inputs is not None \
+    inputs = as_input_tuple(example_inputs, "lumos.report", has_feature_gate(gated)) if example_inputs is not None \
         else default_inputs(gated, "lumos.report")
     check_not_meta(gated, inputs, "lumos.report")
     check_gates(gated, "lumos.report")

@@ -369,3 +369,42 @@ def test_torch_checkpoint_loads_into_gated_model():
         gate.log_alpha.data.fill_(OPEN)
     inputs = _tagger_inputs(seed=2)
     torch.testing.assert_close(gated.eval()(*inputs), model(*inputs), atol=ATOL, rtol=RTOL)
+
+
+class TokenLM(nn.Module):
+    """A token-id language model as users write one: embedding, a torch TransformerEncoder, a
+    head whose weight is the embedding's (``head.weight = emb.weight``)."""
+
+    def __init__(self, vocab=40, d_model=D_MODEL):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, NHEAD, FF, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(self.enc(self.emb(tokens)))
+
+
+def test_a_token_id_model_with_a_tied_head_trains_to_its_target_and_compacts_exactly_tied():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 40, (128, 9))
+    with pytest.raises(TypeError, match=r"lumos.gate: .*floating point.*features=False"):
+        lumos.gate(TokenLM(), tokens[:4])  # an input feature gate would scale token ids
+    gated = lumos.gate(TokenLM(), tokens[:4], features=False)
+    assert "same parameter tensor as `emb`" in gated.skipped["head"]
+
+    def loss(out, target):
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+    history = lumos.fit(gated, (tokens, tokens.roll(1, dims=1)), epochs=2, lr=3e-3, batch_size=32, target=0.6,
+                        loss_fn=loss, seed=0, progress=False)
+    assert history.target_met and abs(lumos.train.kept_fraction(gated) - 0.6) <= 0.02
+    compacted = lumos.compact(gated, tokens[:4])
+    assert compacted.head.weight is compacted.emb.weight
+    gated.eval()
+    with torch.no_grad():
+        for shape in ((2, 5), (5, 13)):  # batch and sequence length away from the example's
+            other = torch.randint(0, 40, shape)
+            torch.testing.assert_close(compacted(other), gated(other), atol=ATOL, rtol=RTOL)

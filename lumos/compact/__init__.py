@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from ..collapse import closed_gates, constant_message, predicts_constant
-from ..model import GatedModel, as_input_tuple
+from ..model import GatedModel, as_input_tuple, has_feature_gate
 from ..nn import FeatureGate
 from ..plan import CompactionError, TraceError, check_gates, check_not_meta, default_inputs, plan_model
 from ..plan.planner import shared_with
@@ -96,7 +96,7 @@ def compact(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable | N
     """
     if not isinstance(gated, nn.Module):
         raise TypeError(f"lumos.compact: `gated` must be an nn.Module, got {type(gated).__name__}")
-    inputs = as_input_tuple(example_inputs, "lumos.compact") if example_inputs is not None \
+    inputs = as_input_tuple(example_inputs, "lumos.compact", has_feature_gate(gated)) if example_inputs is not None \
         else default_inputs(gated)
     check_not_meta(gated, inputs, "lumos.compact")
     check_gates(gated, "lumos.compact")

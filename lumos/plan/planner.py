@@ -13,7 +13,7 @@ import torch
 from torch import fx, nn
 
 from ..gates import gates_of
-from ..model import GatedModel, as_input_tuple
+from ..model import GatedModel, as_input_tuple, has_feature_gate
 from .channels import ChannelPlan
 from .errors import CompactionError, failed_at
 from .probe import alternative_inputs
@@ -136,7 +136,7 @@ def plan_model(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable 
         example_inputs = default_inputs(gated, who)
     if leaf_modules is None:
         leaf_modules = getattr(gated, "leaf_modules", ())
-    example_inputs = as_input_tuple(example_inputs, who)
+    example_inputs = as_input_tuple(example_inputs, who, has_feature_gate(gated))
     check_not_meta(gated, example_inputs, who)
     was_training = gated.training
     gated.eval()  # trace in eval: functional dropout etc. record training=False

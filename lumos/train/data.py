@@ -124,13 +124,15 @@ class LoaderData:
                 return
 
 
-def as_data(data, name: str, who: str, dtype: torch.dtype) -> TensorData | LoaderData | None:
-    """Wrap what the user passed as ``name`` (``train`` or ``val``) after checking it."""
+def as_data(data, name: str, who: str, dtype: torch.dtype,
+            features: bool = True) -> TensorData | LoaderData | None:
+    """Wrap what the user passed as ``name`` (``train`` or ``val``) after checking it
+    (``features``: see :func:`check_tensors`)."""
     if data is None:
         return None
     if isinstance(data, (tuple, list)) and len(data) >= 2 and _is_array(data[-1]):
         inputs, target = split_batch(data, who, f"`{name}`", dtype)
-        check_tensors(inputs, target, who, f"`{name}`")
+        check_tensors(inputs, target, who, f"`{name}`", features)
         return TensorData(inputs, target)
     if _is_array(data) or not isinstance(data, Iterable):
         raise TypeError(f"{who}: `{name}` must be (inputs, target) tensors or arrays, or a re-iterable of "
@@ -147,8 +149,10 @@ def _is_array(value) -> bool:
     return isinstance(value, torch.Tensor) or (type(value).__module__ == "numpy" and hasattr(value, "dtype"))
 
 
-def check_tensors(inputs: tuple[torch.Tensor, ...], target: torch.Tensor, who: str, what: str) -> None:
-    """Rows agree, the first input is floating point, nothing is NaN or inf."""
+def check_tensors(inputs: tuple[torch.Tensor, ...], target: torch.Tensor, who: str, what: str,
+                  features: bool = True) -> None:
+    """Rows agree, nothing is NaN or inf, and with ``features`` (the model has an input
+    :class:`lumos.nn.FeatureGate`, which scales its first input) the first input is floating point."""
     if target.dim() == 0:
         raise ValueError(f"{who}: {what} target must have one row per sample, got a scalar")
     rows = target.shape[0]
@@ -156,9 +160,10 @@ def check_tensors(inputs: tuple[torch.Tensor, ...], target: torch.Tensor, who: s
         if t.dim() == 0 or t.shape[0] != rows:
             raise ValueError(f"{who}: {what} input {i} has {t.shape[0] if t.dim() else 0} rows but the target "
                              f"has {rows}")
-    if not inputs[0].is_floating_point():
+    if features and not inputs[0].is_floating_point():
         raise TypeError(f"{who}: {what} inputs must be floating point, got {inputs[0].dtype}; "
-                        "convert them with .float()")
+                        "convert them with .float() (integer inputs such as token ids need a model gated "
+                        "with lumos.gate(..., features=False))")
     for label, t in [(f"input {i}", t) for i, t in enumerate(inputs)] + [("target", target)]:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = (~torch.isfinite(t)).nonzero()[0].tolist()

@@ -24,6 +24,7 @@ from torch import nn
 from ..collapse import closed_gates, constant_message, predicts_constant
 from ..cost import check_cost, cost_model
 from ..gates import gates_of, model_sampler, step_gates_
+from ..model import has_feature_gate
 from . import distributed as ddp
 from .budget import BudgetController, check_target, momentum_lookahead
 from .checkpoint import (check_fingerprint, model_fingerprint, read_checkpoint, remove_stale_temp, rng_states,
@@ -134,7 +135,8 @@ def evaluate(model: nn.Module, data, loss_fn: Callable = nn.functional.mse_loss,
     (a loader is evaluated whole on every rank); every rank returns the same numbers.
     """
     dtype = _model_dtype(model)
-    data = data if isinstance(data, (TensorData, LoaderData)) else as_data(data, "data", "lumos.evaluate", dtype)
+    if not isinstance(data, (TensorData, LoaderData)):
+        data = as_data(data, "data", "lumos.evaluate", dtype, has_feature_gate(model))
     was_training = model.training
     model.eval()
     device = _model_device(model)
@@ -618,7 +620,8 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
             raise ValueError(f"{who}: `target` needs a gated model; make it with lumos.gate(model, example_inputs)")
     ranks = ddp.ranks_for_fit(distributed, device, who)
     dtype = _model_dtype(model)
-    train_data, val_data = as_data(train, "train", who, dtype), as_data(val, "val", who, dtype)
+    features = has_feature_gate(model)
+    train_data, val_data = as_data(train, "train", who, dtype, features), as_data(val, "val", who, dtype, features)
     if ranks is not None:
         ddp.per_rank_batch(batch_size, ranks, who)
     probe_inputs = _check_first_batches(model, train_data, val_data, loss_fn)
@@ -766,7 +769,7 @@ def _check_first_batches(model: nn.Module, train, val, loss_fn: Callable) -> tup
             if first is None:
                 raise ValueError(f"lumos.fit: `{name}` gave no batch")
             inputs, target = first
-            check_tensors(inputs, target, "lumos.fit", f"the first batch of `{name}`")
+            check_tensors(inputs, target, "lumos.fit", f"the first batch of `{name}`", has_feature_gate(model))
         if name == "train":
             first_inputs = _to(tuple(t[:PROBE_ROWS] for t in inputs), device)
         check_against_model(model, _to(tuple(t[:8] for t in inputs), device), target, loss_fn,
