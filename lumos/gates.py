@@ -352,6 +352,23 @@ def pin_gates_(gates: list[HardConcreteGate], keep: torch.Tensor, when: torch.Te
 
 
 @torch.no_grad()
+def fold_lock_scales_(model: nn.Module) -> None:
+    """Move every ``lock_scale`` that a layer of ``model`` can absorb into its weights (gated
+    linear and convolution layers: :meth:`lumos.nn.GatedLinear.fold_lock_scales_`); the others
+    (input feature gates, GIN columns, attention, a layer whose weight another module also
+    holds, which folding would change for both) keep theirs. What the model computes does not
+    change."""
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    for module in model.modules():
+        fold = getattr(module, "fold_lock_scales_", None)
+        if callable(fold) and all(holders[id(p)] == 1 for p in module.parameters(recurse=False)):
+            fold()
+
+
+@torch.no_grad()
 def clamp_gates_(model: nn.Module) -> None:
     """Clamp every gate's ``log_alpha`` in ``model`` into [log 1e-2, log 1e2], in one call."""
     logits = gate_logits(model)

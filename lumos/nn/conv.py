@@ -62,6 +62,25 @@ class _GatedConvNd:
     def _masked_weight(self, m_out: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _in_channel_dim(self) -> int | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def fold_lock_scales_(self) -> None:
+        """Move the output gate's ``lock_scale`` into the weight and bias, and the input gate's
+        into the weight where each input channel has its own slice of it; set those scales to 1.
+        The layer computes the same; a channel held at a scale below 1 learns at full speed again."""
+        if self.out_gate is not None:
+            scale = self.out_gate.lock_scale.to(self.weight.dtype)
+            self.weight.copy_(self._masked_weight(scale))
+            if self.bias is not None:
+                self.bias.mul_(scale)
+            self.out_gate.lock_scale.fill_(1.0)
+        dim = self._in_channel_dim()
+        if self.in_gate is not None and dim is not None:
+            self.weight.mul_(_channel_view(self.in_gate.lock_scale, self.weight.dim(), dim, self.weight.dtype))
+            self.in_gate.lock_scale.fill_(1.0)
+
     def _gated_input_weight_bias(self, x: torch.Tensor):
         """``(x * m_in, weight * m_out, bias * m_out)`` with this step's masks."""
         channel_dim = x.dim() - self._spatial - 1  # 1 when batched, 0 when not (as torch allows)
@@ -100,6 +119,9 @@ class _GatedConv(_GatedConvNd):
     def _masked_weight(self, m_out):
         return self.weight * _channel_view(m_out, self.weight.dim(), 0, self.weight.dtype)
 
+    def _in_channel_dim(self):
+        return 1 if self.groups == 1 else None  # grouped: an input channel's weights are not one slice
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight, bias = self._gated_input_weight_bias(x)
         return self._conv_forward(x, weight, bias)
@@ -118,6 +140,9 @@ class _GatedConvTranspose(_GatedConvNd):
     @staticmethod
     def _constructor_args(conv):
         return dict(_GatedConvNd._constructor_args(conv), output_padding=conv.output_padding)
+
+    def _in_channel_dim(self):
+        return 0  # weight (C_in, C_out / groups, *kernel): input channel c is row c
 
     def _masked_weight(self, m_out):
         # output channel o = g * (C_out / groups) + j sits at weight[g * (C_in / groups) + i, j]
