@@ -141,8 +141,8 @@ def test_merged_runs_keep_every_row_and_each_runs_command_date_and_load(results,
     assert merged["wall_seconds"] == 180.0 and merged["size"] == "small" and merged["seeds"] == [0]
     text = to_markdown(merged)
     for needle in ("Merged from 2 runs", "**Run 1**: md_forces; size small; seeds 0", "`lumos bench cfd_flux`",
-                   "Date: 2026-01-02T00:00:00+00:00; wall time 2.0 min; load average not recorded",
-                   "Date: 2026-01-01T00:00:00+00:00; wall time 1.0 min; load average (1 / 5 / 15 min)",
+                   "Finished: 2026-01-02T00:00:00+00:00; wall time 2.0 min; load average not recorded",
+                   "Finished: 2026-01-01T00:00:00+00:00; wall time 1.0 min; load average (1 / 5 / 15 min)",
                    "**two runs**", "## cfd_flux", "## md_forces", "Acceptance check"):
         assert needle in text, needle
     assert text.index("## cfd_flux") < text.index("## md_forces")

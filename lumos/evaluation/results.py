@@ -85,12 +85,13 @@ def _load(values) -> str:
 
 
 def run_header(run: dict) -> list[str]:
-    """Markdown lines with one ``lumos bench`` run's command, date, wall time, load average and machine."""
+    """Markdown lines with one ``lumos bench`` run's command, end time (``date``), wall time,
+    load average and machine."""
     m, load = run["machine"], run.get("load_average")
     load_text = ("load average not recorded" if load is None else
                  f"load average (1 / 5 / 15 min) {_load(load['start'])} at start, {_load(load['end'])} at end")
     return [f"Command: `{run['command']}`  ",
-            f"Date: {run['date']}; wall time {run['wall_seconds'] / 60:.1f} min; {load_text}  ",
+            f"Finished: {run['date']}; wall time {run['wall_seconds'] / 60:.1f} min; {load_text}  ",
             f"Machine: {m['processor']}, {m['platform']}, torch {m['torch']}, {m['threads']} threads"]
 
 

@@ -76,12 +76,14 @@ class BudgetController:
        (of the last two measured, the one closer to ``target``) has its kept gates pinned open
        and the others closed, ``lam`` drops to 0 and the remaining steps train its weights.
        Pinning keeps what the model computes (:func:`lumos.gates.pin_gates_`): a kept unit
-       inside the stochastic band keeps its eval value as a constant ``lock_scale`` (on CPU moved
-       into the weights of gated linear and convolution layers, :func:`lumos.gates.fold_lock_scales_`,
-       so that it learns at full speed) instead of jumping to 1 (measured on ``molecules`` full, seed 0: pinning to 1 took the validation
+       inside the stochastic band keeps its eval value as a constant ``lock_scale`` instead of
+       jumping to 1 (measured on ``molecules`` full, seed 0: pinning to 1 took the validation
        R2 from 0.76 to -40, and Adam's second moments, filled by that step's gradients, held
-       the model near R2 0 for the remaining 20 epochs). If that has not happened by ``lock``,
-       :func:`lock_to_budget` fixes the largest model within ``target`` by ranking ``log_alpha``.
+       the model near R2 0 for the remaining 20 epochs). On CPU that scale is then moved into
+       the weights of gated linear and convolution layers
+       (:func:`lumos.gates.fold_lock_scales_`), so that the unit learns at full speed. If that
+       has not happened by ``lock``, :func:`lock_to_budget` fixes the largest model within
+       ``target`` by ranking ``log_alpha``.
 
     With ``lock=None`` the controller keeps tracking ``target`` to the end. On an accelerator
     everything stays on the device: no step reads a value back to the host. On CPU, where
