@@ -66,8 +66,8 @@ def _example_slice(example_inputs: tuple) -> tuple:
 PRUNED_INSIDE = (nn.MultiheadAttention, GINEAggregation)
 
 
-def _whole_reason(gm, name: str, calls: Counter) -> str:
-    """Why the plan keeps the module ``name`` whole."""
+def _whole_reason(gm, name: str, calls: Counter, shared: dict[str, str]) -> str:
+    """Why the plan keeps the module ``name`` whole (``shared``: :func:`shared_with` of ``gm``)."""
     module = gm.get_submodule(name)
     if has_hooks(module):
         return "has forward hooks or pre-hooks (kept whole so that they keep running on it)"
@@ -75,7 +75,7 @@ def _whole_reason(gm, name: str, calls: Counter) -> str:
         return "called more than once per forward (shared weights)"
     if any(n.op == "get_attr" and n.target.startswith(name + ".") for n in gm.graph.nodes):
         return "its weights are also read directly in forward (tied weights)"
-    other = shared_with(gm).get(name)
+    other = shared.get(name)
     if other is not None:
         return f"holds the same parameter tensor as `{other}` (tied weights)"
     if name in gm.meta.get("lumos_user_leaves", ()):
@@ -114,6 +114,7 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
     outputs = [plan.space_of[a] for n in plan.gm.graph.nodes if n.op == "output"
                for a in n.all_input_nodes if a in plan.space_of]
     calls = Counter(node.target for node in plan.gm.graph.nodes if node.op == "call_module")
+    shared = shared_with(plan.gm)
     whole = modules_kept_whole(plan.gm) | {n.target for n in plan.gm.graph.nodes
                                             if n.op == "call_module" and isinstance(records[n], Whole)}
     chosen, skipped = [], {}
@@ -125,7 +126,7 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
         if parent is not None:
             if not isinstance(plan.module_of(parent), PRUNED_INSIDE) or parent in whole:
                 why = "a leaf module" if parent in plan.gm.meta.get("lumos_user_leaves", ()) \
-                    else _whole_reason(plan.gm, parent, calls)
+                    else _whole_reason(plan.gm, parent, calls, shared)
                 skipped[name] = f"inside `{parent}`, which lumos keeps whole ({why})"
             continue
         if variant is not None:
@@ -135,7 +136,7 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
             skipped[name] = "never called in forward (or called inside a leaf module)"
             continue
         if name in whole:
-            skipped[name] = _whole_reason(plan.gm, name, calls)
+            skipped[name] = _whole_reason(plan.gm, name, calls, shared)
             continue
         node = next(n for n in plan.gm.graph.nodes if n.op == "call_module" and n.target == name)
         space = plan.space_of.get(node)

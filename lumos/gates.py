@@ -351,6 +351,36 @@ def pin_gates_(gates: list[HardConcreteGate], keep: torch.Tensor, when: torch.Te
         gate.sampler.scaled = True
 
 
+def tensor_holders(root: nn.Module) -> dict[int, list[str]]:
+    """``id`` of every parameter and buffer under ``root`` -> the names of the modules holding it
+    directly (more than one: tied weights, ``decoder.weight = encoder.weight``)."""
+    holders: dict[int, list[str]] = {}
+    for name, module in root.named_modules():
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            holders.setdefault(id(t), []).append(name)
+    return holders
+
+
+@torch.no_grad()
+def fold_gate_scales_(layer: nn.Module, masked_weight, in_dim: int | None) -> None:
+    """Move the ``lock_scale`` of ``layer``'s output gate into its weight (``masked_weight(scale)``:
+    the weight with each output unit's slice scaled) and bias, and its input gate's into the
+    weight along ``in_dim`` (None: an input unit's weights are not one slice, its scale stays);
+    set those scales to 1. The layer computes the same."""
+    weight = layer.weight
+    if layer.out_gate is not None:
+        scale = layer.out_gate.lock_scale.to(weight.dtype)
+        weight.copy_(masked_weight(scale))
+        if layer.bias is not None:
+            layer.bias.mul_(scale)
+        layer.out_gate.lock_scale.fill_(1.0)
+    if layer.in_gate is not None and in_dim is not None:
+        shape = [1] * weight.dim()
+        shape[in_dim] = -1
+        weight.mul_(layer.in_gate.lock_scale.to(weight.dtype).reshape(shape))
+        layer.in_gate.lock_scale.fill_(1.0)
+
+
 @torch.no_grad()
 def fold_lock_scales_(model: nn.Module) -> None:
     """Move every ``lock_scale`` that a layer of ``model`` can absorb into its weights (gated
@@ -358,13 +388,10 @@ def fold_lock_scales_(model: nn.Module) -> None:
     (input feature gates, GIN columns, attention, a layer whose weight another module also
     holds, which folding would change for both) keep theirs. What the model computes does not
     change."""
-    holders: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            holders[id(p)] = holders.get(id(p), 0) + 1
+    holders = tensor_holders(model)
     for module in model.modules():
         fold = getattr(module, "fold_lock_scales_", None)
-        if callable(fold) and all(holders[id(p)] == 1 for p in module.parameters(recurse=False)):
+        if callable(fold) and all(len(holders[id(p)]) == 1 for p in module.parameters(recurse=False)):
             fold()
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..gates import HardConcreteGate
+from ..gates import HardConcreteGate, fold_gate_scales_
 
 
 def _channel_view(m: torch.Tensor, ndim: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -70,16 +70,7 @@ class _GatedConvNd:
         """Move the output gate's ``lock_scale`` into the weight and bias, and the input gate's
         into the weight where each input channel has its own slice of it; set those scales to 1.
         The layer computes the same; a channel held at a scale below 1 learns at full speed again."""
-        if self.out_gate is not None:
-            scale = self.out_gate.lock_scale.to(self.weight.dtype)
-            self.weight.copy_(self._masked_weight(scale))
-            if self.bias is not None:
-                self.bias.mul_(scale)
-            self.out_gate.lock_scale.fill_(1.0)
-        dim = self._in_channel_dim()
-        if self.in_gate is not None and dim is not None:
-            self.weight.mul_(_channel_view(self.in_gate.lock_scale, self.weight.dim(), dim, self.weight.dtype))
-            self.in_gate.lock_scale.fill_(1.0)
+        fold_gate_scales_(self, self._masked_weight, self._in_channel_dim())
 
     def _gated_input_weight_bias(self, x: torch.Tensor):
         """``(x * m_in, weight * m_out, bias * m_out)`` with this step's masks."""

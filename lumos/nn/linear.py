@@ -8,7 +8,7 @@ from torch import nn
 
 from lumos_kernels import masked_linear
 
-from ..gates import HardConcreteGate
+from ..gates import HardConcreteGate, fold_gate_scales_
 
 
 class GatedLinear(nn.Module):
@@ -71,15 +71,7 @@ class GatedLinear(nn.Module):
         """Move each gate's ``lock_scale`` into the weights (rows and bias for the output gate,
         columns for the input gate) and set it to 1: the layer computes the same, and a unit
         held at a scale below 1 learns at the speed of one at 1 again."""
-        if self.out_gate is not None:
-            scale = self.out_gate.lock_scale.to(self.weight.dtype)
-            self.weight.mul_(scale[:, None])
-            if self.bias is not None:
-                self.bias.mul_(scale)
-            self.out_gate.lock_scale.fill_(1.0)
-        if self.in_gate is not None:
-            self.weight.mul_(self.in_gate.lock_scale.to(self.weight.dtype)[None, :])
-            self.in_gate.lock_scale.fill_(1.0)
+        fold_gate_scales_(self, lambda scale: self.weight * scale[:, None], in_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:

@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
-from ..gates import gates_of
+from ..gates import gates_of, tensor_holders
 from ..model import GatedModel, as_input_tuple, has_feature_gate
 from .channels import ChannelPlan
 from .errors import CompactionError, failed_at
@@ -85,10 +85,7 @@ def shared_with(gm: fx.GraphModule) -> dict[str, str]:
     """Called modules that hold a parameter or buffer also held by a module outside them (tied
     weights, e.g. ``decoder.weight = encoder.weight``), each mapped to the name of one such
     other module."""
-    owners: dict[int, list[str]] = {}
-    for name, module in gm.named_modules():
-        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            owners.setdefault(id(t), []).append(name)
+    owners = tensor_holders(gm)
     shared = {}
     for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module"):  # graph order
         inside = lambda name: name == target or name.startswith(target + ".")  # noqa: E731

@@ -624,7 +624,7 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
     train_data, val_data = as_data(train, "train", who, dtype, features), as_data(val, "val", who, dtype, features)
     if ranks is not None:
         ddp.per_rank_batch(batch_size, ranks, who)
-    probe_inputs = _check_first_batches(model, train_data, val_data, loss_fn)
+    probe_inputs = _check_first_batches(model, train_data, val_data, loss_fn, features)
     if seed is not None:
         torch.manual_seed(seed + (ranks.rank if ranks is not None else 0))
         if hasattr(model, "gate_sampler"):
@@ -754,9 +754,10 @@ def _steps_per_epoch(data: TensorData | LoaderData, batch_size: int) -> int:
         return sum(1 for _ in data.loader)
 
 
-def _check_first_batches(model: nn.Module, train, val, loss_fn: Callable) -> tuple:
-    """Check the targets against the model's output before any training (loaders: first batch);
-    returns a few training rows (:data:`PROBE_ROWS`) for the collapse check."""
+def _check_first_batches(model: nn.Module, train, val, loss_fn: Callable, features: bool) -> tuple:
+    """Check the targets against the model's output before any training (loaders: first batch;
+    ``features``: the model has an input feature gate, see :func:`check_tensors`); returns a few
+    training rows (:data:`PROBE_ROWS`) for the collapse check."""
     device = _model_device(model)
     first_inputs = ()
     for name, data in (("train", train), ("val", val)):
@@ -769,7 +770,7 @@ def _check_first_batches(model: nn.Module, train, val, loss_fn: Callable) -> tup
             if first is None:
                 raise ValueError(f"lumos.fit: `{name}` gave no batch")
             inputs, target = first
-            check_tensors(inputs, target, "lumos.fit", f"the first batch of `{name}`", has_feature_gate(model))
+            check_tensors(inputs, target, "lumos.fit", f"the first batch of `{name}`", features)
         if name == "train":
             first_inputs = _to(tuple(t[:PROBE_ROWS] for t in inputs), device)
         check_against_model(model, _to(tuple(t[:8] for t in inputs), device), target, loss_fn,
