@@ -144,8 +144,10 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
             if any(plan.same_group(space, out) for out in outputs):
                 skipped[name] = "produces the model's output, whose width is fixed"
             else:
-                skipped[name] = ("feeds an op that needs every channel (an op lumos keeps whole, "
-                                 "or a LayerNorm followed by an activation)")
+                ops = plan.pinned_by(space)
+                skipped[name] = "feeds an op that needs every channel" + (
+                    f": {', '.join(ops[:3])}{' and more' if len(ops) > 3 else ''}" if ops
+                    else " (an op lumos keeps whole, or a LayerNorm followed by an activation)")
             continue
         chosen.append(name)
     return chosen, skipped

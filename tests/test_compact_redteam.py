@@ -347,10 +347,11 @@ def test_model_random_in_eval_is_refused_by_name():
 
 
 # -- random architectures ----------------------------------------------------------------------------------
-def check_random_architecture(seed: int, dtype: torch.dtype = torch.float32, everything: bool = False) -> list[str]:
+def check_random_architecture(seed: int, dtype: torch.dtype = torch.float32, everything: bool = False,
+                              channel_ops: bool = False) -> list[str]:
     """Failures of compaction on the random architecture ``seed`` (gated by lumos.gate, or every
     layer with ``everything``), four gate patterns, one of them with keep_input_shape=False."""
-    case = random_architecture(seed, dtype)
+    case = random_architecture(seed, dtype, channel_ops)
     try:
         gated = (gate_everything(case.model, case.inputs, **case.gate_kwargs) if everything
                  else lumos.gate(case.model, case.inputs, **case.gate_kwargs))
@@ -371,7 +372,16 @@ def test_compact_equals_gated_eval_on_random_architectures(seed):
     assert not failures, "\n".join(failures)
 
 
-def _fuzz(first: int, last: int) -> None:
+@pytest.mark.parametrize("seed", range(20))
+def test_compact_equals_gated_eval_on_random_architectures_with_channel_ops(seed):
+    """The same, with per-channel PReLU, GLU, roll, flip and pixel (un)shuffles among the ops."""
+    dtype = torch.float64 if seed % 2 else torch.float32
+    failures = (check_random_architecture(seed, dtype, channel_ops=True)
+                + check_random_architecture(seed, dtype, everything=True, channel_ops=True))
+    assert not failures, "\n".join(failures)
+
+
+def _fuzz(first: int, last: int, channel_ops: bool = False) -> None:
     """Run seeds ``first .. last - 1`` in float32 and float64, by lumos.gate and with every layer
     gated; print each failure and the counts by kind."""
     counts = Counter()
@@ -379,7 +389,7 @@ def _fuzz(first: int, last: int) -> None:
         for dtype in (torch.float32, torch.float64):
             for everything in (False, True):
                 counts["cases"] += 1
-                failures = check_random_architecture(seed, dtype, everything)
+                failures = check_random_architecture(seed, dtype, everything, channel_ops)
                 for failure in failures:
                     print(f"seed {seed} {dtype} everything={everything}: {failure}")
                 kinds = {f.split(":")[0].split(" ")[0] if f.startswith(("refused", "gate")) else
@@ -391,4 +401,4 @@ def _fuzz(first: int, last: int) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    _fuzz(int(sys.argv[1]), int(sys.argv[2]))
+    _fuzz(int(sys.argv[1]), int(sys.argv[2]), len(sys.argv) > 3 and sys.argv[3] == "channel_ops")

@@ -930,7 +930,42 @@ class RandomNet(nn.Module):
             return torch.cat([t[a[0]], t[a[1]]], dim=1).mean(1)
         if op == "up_down":  # a strided transposed conv up, an average pool back down
             return F.avg_pool2d(self.layers[a[1]](t[a[0]]), 2)
+        if op == "glu":  # GLU over the channel dim
+            return F.glu(t[a[0]], dim=a[1])
+        if op == "roll":
+            return torch.roll(t[a[0]], a[1], dims=a[2])
+        if op == "flip":
+            return t[a[0]].flip(*a[1])
+        if op == "shuffle_up":  # sub-pixel x2 (C -> C/4), pooled back to the same positions
+            return F.avg_pool2d(F.pixel_shuffle(t[a[0]], 2), 2)
+        if op == "unshuffle_down":  # space-to-depth x2 (C -> 4C), upsampled back
+            x = t[a[0]]
+            return F.interpolate(self.layers[a[1]](x), size=x.shape[2:], mode="nearest")
         raise ValueError(op)
+
+
+def _push_channel_op(rng, push, layer, i: int, kind: str, c: int, dim: int) -> None:
+    """One of the per-channel ops of ``random_architecture(..., channel_ops=True)`` on tensor ``i``."""
+    choice = rng.random()
+    if choice < 0.25 and kind in ("img", "vec"):
+        prelu = nn.PReLU(c)
+        with torch.no_grad():
+            prelu.weight.uniform_(-0.5, 0.5)
+        push("layer", (i, layer(prelu)), kind, c)
+    elif choice < 0.45 and c % 2 == 0:
+        push("glu", (i, dim), kind, c // 2)
+    elif choice < 0.7 and kind in ("img", "seq"):
+        dims = rng.choice([(2,), (2, 3), (1,), (-1,)] if kind == "img" else [(1,), (2,), (1, 2)])
+        if rng.random() < 0.5:
+            push("roll", (i, tuple(rng.choice([1, -2]) for _ in dims), dims), kind, c)
+        else:
+            push("flip", (i, dims), kind, c)
+    elif kind == "img" and c % 4 == 0 and rng.random() < 0.5:
+        push("shuffle_up", (i,), kind, c // 4)
+    elif kind == "img":
+        push("unshuffle_down", (i, layer(nn.PixelUnshuffle(2))), kind, 4 * c)
+    else:
+        push("layer", (i, layer(nn.Dropout(0.3))), kind, c)
 
 
 @dataclass
@@ -950,11 +985,14 @@ def _norm_stats(module: nn.Module, rng) -> nn.Module:
     return module.eval()
 
 
-def random_architecture(seed: int, dtype: torch.dtype = torch.float32) -> Case:
+def random_architecture(seed: int, dtype: torch.dtype = torch.float32, channel_ops: bool = False) -> Case:
     """A random model composing the ops compaction supports (linear, conv, norms, activations,
     residual adds and products, cat, chunk/split, slices, reshapes and permutes, pooling), with
     its example input, an input of another batch (and spatial/sequence) size, and gate kwargs.
-    ``dtype=torch.float64`` holds the comparison to 1e-9: small formula errors show."""
+    ``dtype=torch.float64`` holds the comparison to 1e-9: small formula errors show.
+    ``channel_ops``: in place of some dropout layers, per-channel PReLU, GLU, roll and flip
+    (over positions or over the channels) and pixel (un)shuffles (the other seeds' models are
+    unchanged)."""
     import random
 
     rng = random.Random(seed)
@@ -1088,6 +1126,8 @@ def random_architecture(seed: int, dtype: torch.dtype = torch.float32) -> Case:
                 push("up_down", (i, layer(up)), kind, n)
             else:
                 push("layer", (i, layer(nn.Dropout(0.3))), kind, c)
+        elif channel_ops:
+            _push_channel_op(rng, push, layer, i, kind, c, dim)
         else:
             push("layer", (i, layer(nn.Dropout(0.3))), kind, c)
     finals = [j for j, t in enumerate(tensors) if t.kind in ("vec", "seq", "img")]

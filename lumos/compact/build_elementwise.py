@@ -6,14 +6,14 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import fx
+from torch import fx, nn
 
-from ..plan.ops_elementwise import ADD, DIV, IDENTITY, MUL, NEG, SUB, Elementwise
+from ..plan.ops_elementwise import ADD, DIV, IDENTITY, MUL, NEG, SUB, ChannelPReLU, Elementwise, GatedHalves
 from ..plan.ops_io import attr_value
 from ..plan.ops_pool import Channelwise, PassThrough
 from ..plan.record import channel_view
 from ..plan.trace import node_shape
-from .builder import Builder
+from .builder import Builder, as64
 from .values import Value
 
 
@@ -103,6 +103,34 @@ def build_elementwise(node: fx.Node, record: Elementwise, b: Builder) -> None:
     const = const.expand([space.size if d == record.out_dim % ndim else 1 for d in range(ndim)]).reshape(-1)
     signals, coef = _affine(node, record, b, space.size)
     b.values[node] = Value(const.clone(), signals, coef)
+
+
+def build_channel_prelu(node: fx.Node, record: ChannelPReLU, b: Builder) -> None:
+    """``nn.PReLU`` with one slope per channel: a PReLU over the kept channels with their slopes;
+    a dropped constant channel ``c`` holds ``prelu(c)`` under its own slope."""
+    module = b.plan.module(node)
+
+    def sliced(kept: torch.Tensor) -> nn.Module:
+        new = nn.PReLU(kept.numel(), device="meta")
+        new.weight = nn.Parameter(module.weight.detach()[kept].clone())
+        return new
+
+    b.channel_module(node, sliced)
+    const = b.values[node.args[0]].const
+    b.values[node] = Value(torch.where(const >= 0, const, as64(module.weight) * const))
+
+
+def build_glu(node: fx.Node, record: GatedHalves, b: Builder) -> None:
+    """GLU of the kept channel pairs (copied: it halves any even width); a dropped pair of
+    constants holds ``a * sigmoid(b)``."""
+    space = b.plan.space_of[node]
+    x = node.args[0] if node.args else node.kwargs["input"]
+    if b.plan.width(node) > 0:
+        b.copy(node)
+    else:
+        b.env[node] = b.no_channels(b.env[x], space.dim)
+    const = b.values[x].const
+    b.values[node] = Value(const[:space.size] * torch.sigmoid(const[space.size:]))
 
 
 def build_pass_through(node: fx.Node, record: PassThrough, b: Builder) -> None:

@@ -22,11 +22,9 @@ def build_batch_norm(node: fx.Node, record: BatchNormLayer, b: Builder) -> None:
     """``nn.BatchNorm`` in eval: a per-channel affine map ``y = (x - mean) * scale (* w + b)``;
     sliced to the kept channels, the dropped channels' values mapped the same way."""
     module = b.plan.module(node)
-    kept = b.plan.kept(b.plan.space_of[node])
     x = node.args[0]
-    if kept.numel() == 0:
-        b.env[node] = b.no_channels(b.env[x], 1)
-    else:
+
+    def sliced(kept: torch.Tensor) -> nn.Module:
         new = parametrize.type_before_parametrizations(module)(kept.numel(), eps=module.eps, momentum=module.momentum, affine=module.affine,
                            track_running_stats=True, device=module.running_mean.device,
                            dtype=module.running_mean.dtype)
@@ -37,7 +35,9 @@ def build_batch_norm(node: fx.Node, record: BatchNormLayer, b: Builder) -> None:
             if module.affine:
                 new.weight.copy_(module.weight[kept])
                 new.bias.copy_(module.bias[kept])
-        b.env[node] = b.call_module(node.target, new, b.env[x])
+        return new
+
+    b.channel_module(node, sliced)
     scale = (as64(module.running_var) + module.eps).rsqrt()
     shift = -as64(module.running_mean) * scale
     if module.affine:
@@ -57,15 +57,14 @@ def build_instance_norm(node: fx.Node, record: InstanceNormLayer, b: Builder) ->
     """``nn.InstanceNorm`` with per-sample statistics at the kept channels; a dropped constant
     channel normalises to 0, so it holds the bias (0 without affine parameters)."""
     module = b.plan.module(node)
-    kept = b.plan.kept(b.plan.space_of[node])
-    x = node.args[0]
-    if kept.numel() == 0:
-        b.env[node] = b.no_channels(b.env[x], 1)
-    else:
+
+    def sliced(kept: torch.Tensor) -> nn.Module:
         new = parametrize.type_before_parametrizations(module)(kept.numel(), eps=module.eps, affine=module.affine,
                                                               device="meta")
         _take_kept_affine(new, module, kept)
-        b.env[node] = b.call_module(node.target, new, b.env[x])
+        return new
+
+    b.channel_module(node, sliced)
     size = b.plan.space_of[node].size
     b.values[node] = Value(as64(module.bias) if module.affine else torch.zeros(size, dtype=torch.float64))
 

@@ -1,6 +1,6 @@
-"""Building reshape-like ops: copied where their arguments name dims (flatten, permute),
-rewritten where they name the channel count (view, reshape, expand), and the channel shuffle as
-one ``index_select``. Indexing, splits and concatenation are built in :mod:`.build_index`."""
+"""Building reshape-like ops: copied where their arguments name dims (flatten, permute, pixel
+shuffles), rewritten where they name the channel count (view, reshape, expand), and the channel
+shuffle as one ``index_select``. Indexing, splits and concatenation are built in :mod:`.build_index`."""
 from __future__ import annotations
 
 import operator
@@ -8,6 +8,9 @@ import operator
 import torch
 from torch import fx
 
+from ..plan.channels import CONST
+from ..plan.errors import CompactionError, describe_node
+from ..plan.ops_pixel import PixelShuffle
 from ..plan.ops_shape import Expand, Permute, Reshape, ShuffleMerge, ShuffleStep, input_of, reshape_groups, reshape_sizes
 from ..plan.trace import node_shape
 from .builder import Builder
@@ -16,6 +19,29 @@ from .values import Value
 
 def const_only(value: Value) -> Value:
     return Value(value.const.clone())
+
+
+def build_pixel_shuffle(node: fx.Node, record: PixelShuffle, b: Builder) -> None:
+    """Copied (the kept channels are whole groups, in order); a dropped output channel of a shuffle
+    holds its group's common constant, and a group of different constants is refused."""
+    b.copy(node)
+    x = node.args[0] if node.args else node.kwargs["input"]
+    const, group = b.values[x].const, record.factor ** 2
+    if record.unshuffle:
+        b.values[node] = Value(const.repeat_interleave(group))
+        return
+    groups = const.view(-1, group)
+    space = b.plan.space_of[node]
+    dropped = ~b.plan.kept_mask(space) & (b.plan.kinds(space) == CONST)
+    spread = groups.max(1).values - groups.min(1).values
+    uneven = dropped & ~(spread <= 1e-9 * (1 + groups.abs().max(1).values))
+    if bool(uneven.any()):
+        raise CompactionError(
+            f"lumos.compact: {describe_node(node, b.plan.gm)}: its dropped output channels "
+            f"{uneven.nonzero().flatten().tolist()[:8]} come from input channels holding different constants "
+            "(a sub-pixel pattern, which no later layer can fold); keep those units open, or pass the "
+            "layer before it or this module in leaf_modules=[...] to keep them whole")
+    b.values[node] = Value(groups.mean(1))
 
 
 def build_reshape(node: fx.Node, record: Reshape, b: Builder) -> None:

@@ -156,6 +156,14 @@ class Builder:
         return self.emit("get_attr", name, ())
 
     # -- small plain-torch idioms ------------------------------------------------------------
+    def channel_module(self, node: fx.Node, make) -> None:
+        """Emit ``node``, a module acting per channel on dim 1 (a norm, a PReLU), rebuilt for the
+        kept channels by ``make(kept)`` (``kept``: their indices); with none kept, its input's
+        positions without channels."""
+        kept = self.plan.kept(self.plan.space_of[node])
+        x = self.env[node.args[0]]
+        self.env[node] = self.no_channels(x, 1) if kept.numel() == 0 else self.call_module(node.target, make(kept), x)
+
     def no_channels(self, x: fx.Node, dim: int) -> fx.Node:
         """``x`` with no channel left on ``dim`` (a removed layer's output with ``x``'s positions)."""
         return self.call_method("narrow", x, dim, 0, 0)

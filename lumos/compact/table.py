@@ -6,7 +6,7 @@ from typing import Callable
 from torch import fx
 
 from ..plan import ops_attention, ops_conv, ops_elementwise, ops_features, ops_graph, ops_io, ops_linear
-from ..plan import ops_index, ops_norm, ops_pool, ops_shape
+from ..plan import ops_index, ops_norm, ops_pixel, ops_pool, ops_shape
 from ..plan.errors import CompactionError, failed_at
 from ..plan.record import Copy, Record, Whole
 from . import (build_attention, build_conv, build_elementwise, build_graph, build_index, build_io, build_linear,
@@ -30,6 +30,9 @@ BUILDERS: dict[type, BuildFn] = {
     ops_norm.InstanceNormLayer: build_norm.build_instance_norm,
     ops_norm.StatNorm: build_norm.build_stat_norm,
     ops_elementwise.Elementwise: build_elementwise.build_elementwise,
+    ops_elementwise.ChannelPReLU: build_elementwise.build_channel_prelu,
+    ops_elementwise.GatedHalves: build_elementwise.build_glu,
+    ops_pixel.PixelShuffle: build_shape.build_pixel_shuffle,
     ops_pool.PassThrough: build_elementwise.build_pass_through,
     ops_pool.Channelwise: build_elementwise.build_channelwise,
     ops_shape.Reshape: build_shape.build_reshape,

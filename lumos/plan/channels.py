@@ -78,6 +78,7 @@ class ChannelPlan:
         self._parent: list[int] = []
         self._kind: list[int] = []
         self._pinned: list[bool] = []
+        self._pinners: list[tuple[Space, str]] = []  # what pinned a space, where it said
         self._consumers: list[tuple[Space, Callable[[], torch.Tensor | bool], bool]] = []
         self._kept: torch.Tensor | None = None  # bool per global id, after solve()
         self._pinned_group: torch.Tensor | None = None
@@ -152,9 +153,22 @@ class ChannelPlan:
         self.tie(space, src)
         return space
 
-    def pin(self, space: Space) -> None:
-        """Keep every channel of ``space`` (and of everything tied to it)."""
+    def pin(self, space: Space, by: str | None = None) -> None:
+        """Keep every channel of ``space`` (and of everything tied to it); ``by`` names the op
+        that needs them, for :meth:`pinned_by`."""
         self._pinned[space.start:space.start + space.size] = [True] * space.size
+        if by is not None and space.size:
+            self._pinners.append((space, by))
+
+    def pinned_by(self, space: Space) -> list[str]:
+        """The ops (as :meth:`pin` named them) that keep channels tied to ``space`` whole, in
+        analysis order, each once."""
+        roots = {self._find(i) for i in range(space.start, space.start + space.size)}
+        names: list[str] = []
+        for pinned, by in self._pinners:
+            if by not in names and any(self._find(i) in roots for i in range(pinned.start, pinned.start + pinned.size)):
+                names.append(by)
+        return names
 
     def pin_ids(self, ids: Iterable[int]) -> None:
         """Keep the given channel ids (and everything tied to them)."""

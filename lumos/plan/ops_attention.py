@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from ..nn.attention import GatedMultiheadAttention
 from .channels import ChannelPlan, Space
-from .record import Context, LayerCost, Record, whole
+from .record import Context, LayerCost, Record, op_name, whole
 from .trace import node_shape
 
 ATTENTION_TYPES = (nn.MultiheadAttention, GatedMultiheadAttention)
@@ -31,13 +31,15 @@ def bound_args(node: fx.Node, module: nn.Module) -> dict:
     return dict(bound.arguments)
 
 
-def last_dim_space(plan: ChannelPlan, value) -> Space | None:
-    """The channel space of ``value`` if it is tracked on its last dim, else None (and kept whole)."""
+def last_dim_space(plan: ChannelPlan, value, reader: fx.Node | None = None) -> Space | None:
+    """The channel space of ``value`` if it is tracked on its last dim, else None (and kept whole:
+    ``reader``, the op reading it, named as what keeps it)."""
     if not isinstance(value, fx.Node) or value not in plan.space_of:
         return None
     space = plan.space_of[value]
     if space.dim != len(node_shape(value)) - 1:
-        plan.pin(space)  # tracked on another dim than the one this layer reads by column
+        # tracked on another dim than the one this layer reads by column
+        plan.pin(space, by=None if reader is None else f"{op_name(reader, plan)} reading them along another dim")
         plan.consume(space)
         return None
     return space
@@ -178,13 +180,13 @@ def analyze_attention(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
     plan.consume(vd, any_kept(heads))
     args = bound_args(node, module)
     for name, dims in (("query", qk), ("key", qk), ("value", vd)):
-        space = last_dim_space(plan, args[name])
+        space = last_dim_space(plan, args[name], node)
         if space is not None:
             plan.consume(space, lambda dims=dims: bool(plan.kept_mask(heads).any() and plan.kept_mask(dims).any()),
                          strict=False)
     for name in ("key_padding_mask", "attn_mask"):
         if isinstance(args[name], fx.Node) and args[name] in plan.space_of:
-            plan.pin(plan.space_of[args[name]])
+            plan.pin(plan.space_of[args[name]], by=f"the `{name}` of {op_name(node, plan)}")
             plan.consume(plan.space_of[args[name]])
     return Attention(heads, qk, vd)
 

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from .channels import AFFINE, CONST, FREE, ChannelPlan
 from .ops_io import attr_space, attr_value
-from .record import Context, Copy, Record, whole
+from .record import Context, Copy, Record, op_name, whole
 from .trace import node_shape
 
 # op classes: how a dropped channel's value follows the operands' (see `combine_kinds`)
@@ -120,7 +120,7 @@ def analyze_elementwise(node: fx.Node, plan: ChannelPlan, op: str) -> Record:
         if aligned < 0 or (a_shape[aligned] == 1 and shape[out_dim] != 1):
             broadcast.append(a)
             if space is not None:  # its channels (on another dim) all reach every output channel
-                plan.pin(space)
+                plan.pin(space, by=f"{op_name(node, plan)} broadcasting them over its channels")
                 plan.consume(space)
             continue
         if space is None and a.op == "get_attr":
@@ -144,11 +144,57 @@ def analyze_elementwise(node: fx.Node, plan: ChannelPlan, op: str) -> Record:
     return Elementwise(op, out_dim, tuple(tied), tuple(broadcast))
 
 
+@dataclass
+class ChannelPReLU(Record):
+    """``nn.PReLU`` with one slope per channel (on dim 1): sliced to the kept channels."""
+
+    def params(self, node, plan):
+        return plan.width(node)
+
+
 def analyze_unary_module(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
     module = plan.module(node)
     if isinstance(module, nn.PReLU) and module.num_parameters != 1:
-        return whole(node, plan)  # one slope per channel: kept whole
+        return analyze_channel_prelu(node, plan)
     return analyze_elementwise(node, plan, UNARY)
+
+
+def analyze_channel_prelu(node: fx.Node, plan: ChannelPlan) -> Record:
+    """Channel ``c`` of the output is channel ``c`` of the input under its own slope (PReLU's
+    channel dim is dim 1): tied; a constant stays a constant, anything else becomes FREE."""
+    x = node.args[0] if node.args else None
+    space, shape = (plan.space_of.get(x), node_shape(x)) if isinstance(x, fx.Node) else (None, None)
+    if (space is None or shape is None or len(shape) < 2 or space.dim != 1
+            or space.size != plan.module(node).num_parameters or len(node.args) != 1 or node.kwargs):
+        return whole(node, plan)
+    plan.same_space(node, x, torch.where(plan.kinds(space) == CONST, CONST, FREE))
+    return ChannelPReLU()
+
+
+@dataclass
+class GatedHalves(Record):
+    """``F.glu`` / ``nn.GLU`` along the channel dim: output channel ``c`` is ``a_c * sigmoid(b_c)``
+    of input channels ``c`` and ``c + C / 2``, the three tied (a pair is kept or dropped whole, so
+    the kept input channels are the same set in both halves and GLU of them pairs them right)."""
+
+
+def analyze_glu(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    space, shape = (plan.space_of.get(x), node_shape(x)) if isinstance(x, fx.Node) else (None, None)
+    if node.op == "call_module":
+        dim = plan.module(node).dim
+    else:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    if space is None or shape is None or not isinstance(dim, int) or dim % len(shape) != space.dim \
+            or space.size % 2:
+        return whole(node, plan)
+    half = space.size // 2
+    kinds = plan.kinds(space)
+    both_const = (kinds[:half] == CONST) & (kinds[half:] == CONST)
+    out = plan.new_space(node, space.dim, torch.where(both_const, CONST, FREE))
+    for first in (space.start, space.start + half):
+        plan.tie_ids(out.ids.tolist(), range(first, first + half))
+    return GatedHalves()
 
 
 def analyze_identity_module(node, plan, ctx):

@@ -77,12 +77,12 @@ class Aggregation(Record):
 def analyze_aggregation(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
     module = plan.module(node)
     args = bound_args(node, module)
-    x_space = last_dim_space(plan, args["x"])
+    x_space = last_dim_space(plan, args["x"], node)
     gate = getattr(module, "column_gate", None)
     out = plan.new_space(node, -1, output_kind(gate, ctx), gate=gate)
     if x_space is not None:
         plan.consume(x_space, lambda: plan.kept_mask(out))
-    attr_space = last_dim_space(plan, args["edge_attr"])
+    attr_space = last_dim_space(plan, args["edge_attr"], node)
     if attr_space is not None and module.edge_lin is not None:  # the embedding reads every column
         plan.consume(attr_space, lambda: bool(plan.kept_mask(out).any()))
     elif attr_space is not None:  # no embedding: edge_attr is read column by column like x
@@ -98,7 +98,7 @@ class Pool(Record):
 
 def analyze_global_pool(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
     module = plan.module(node)
-    x_space = last_dim_space(plan, bound_args(node, module)["x"])
+    x_space = last_dim_space(plan, bound_args(node, module)["x"], node)
     shape = node_shape(node)
     if x_space is None or shape is None or shape[-1] != x_space.size:
         return whole(node, plan)

@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 from .channels import ChannelPlan, Space
-from .record import Context, LayerCost, Record, whole
+from .record import Context, LayerCost, Record, op_name, whole
 from .trace import node_shape
 
 
@@ -25,7 +25,7 @@ def read_space(node: fx.Node, plan: ChannelPlan, dim: int) -> Space | None:
     if space is None:
         return None
     if space.dim != dim % len(node_shape(x)):
-        plan.pin(space)
+        plan.pin(space, by=f"{op_name(node, plan)} reading them along another dim")
         plan.consume(space)
         return None
     return space

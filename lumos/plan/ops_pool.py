@@ -1,11 +1,13 @@
-"""Analysis of ops that act on each channel alone: pooling, upsampling, and reductions or
-softmax over dims other than the channel dim (``x.mean((2, 3))`` global pooling).
+"""Analysis of ops that act on each channel alone: pooling, upsampling, reductions or
+softmax over dims other than the channel dim (``x.mean((2, 3))`` global pooling), and
+``torch.roll`` / ``torch.flip`` over other dims (a shifted window, a periodic shift, a mirror).
 
 Their output channel ``c`` depends only on input channel ``c``: channels pass through (tied).
 A constant channel stays the same constant under max, mean and (non-counting) average pooling,
 interpolation, a mean or a max; not under a sum or a softmax, whose value depends on how many
-positions there are (that differs between input shapes): there it becomes FREE. Average pooling
-that counts zero padding, or with a divisor override, is kept whole.
+positions there are (that differs between input shapes): there it becomes FREE; a roll or a flip
+only moves positions, so a constant stays. Average pooling that counts zero padding, or with a
+divisor override, is kept whole.
 """
 from __future__ import annotations
 
@@ -76,11 +78,11 @@ REDUCTION_FUNCTIONS = {torch.mean: "mean", torch.sum: "sum", torch.amax: "amax",
 
 @dataclass
 class Channelwise(Record):
-    """A reduction (or softmax) over dims other than the channel dim.
+    """A reduction, softmax, roll or flip over dims other than the channel dim.
 
     Attributes:
-        keeps_constant: whether a constant channel gives the same constant (mean, max), else
-            its output is FREE (sum, softmax: they depend on the number of positions).
+        keeps_constant: whether a constant channel gives the same constant (mean, max, roll,
+            flip), else its output is FREE (sum, softmax: they depend on the number of positions).
     """
 
     keeps_constant: bool
@@ -119,3 +121,39 @@ def analyze_reduction(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
     out = plan.new_space(node, out_dim, kinds)
     plan.tie(out, space)
     return Channelwise(keeps)
+
+
+# -- moving positions ---------------------------------------------------------------------------
+MOVE_FUNCTIONS = (torch.roll, torch.flip)
+MOVE_METHODS = ("roll", "flip")
+
+
+def _moved_dims(node: fx.Node):
+    """The dims a roll or flip moves along (None: a roll of the flattened tensor, or dims given
+    in a way this analysis does not read)."""
+    name = node.target if node.op == "call_method" else node.target.__name__
+    args, kwargs = list(node.args[1:]), node.kwargs
+    if name == "roll":
+        dims = kwargs.get("dims", args[1] if len(args) > 1 else None)
+    elif node.op == "call_method" and len(args) > 1:
+        dims = tuple(args)  # x.flip(2, 3)
+    else:
+        dims = kwargs.get("dims", args[0] if args else None)
+    if isinstance(dims, int):
+        return (dims,)
+    if isinstance(dims, (tuple, list)) and dims and all(isinstance(d, int) for d in dims):
+        return tuple(dims)
+    return None
+
+
+def analyze_move(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
+    """``torch.roll`` / ``torch.flip`` (function or method) along dims other than the channel
+    dim: each channel's positions are moved, channels pass through."""
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    space = plan.space_of.get(x) if isinstance(x, fx.Node) else None
+    shape = node_shape(x) if space is not None else None
+    dims = _moved_dims(node)
+    if space is None or shape is None or dims is None or space.dim in {d % len(shape) for d in dims}:
+        return whole(node, plan)
+    plan.same_space(node, x, torch.where(plan.kinds(space) == CONST, CONST, FREE))
+    return Channelwise(True)

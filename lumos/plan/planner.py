@@ -17,7 +17,7 @@ from ..model import GatedModel, as_input_tuple, has_feature_gate
 from .channels import ChannelPlan
 from .errors import CompactionError, failed_at
 from .probe import alternative_inputs
-from .record import Context, Record
+from .record import Context, Record, op_name
 from .table import rule_for
 from .trace import boundary, functionalize, propagate_shapes, trace
 
@@ -159,11 +159,11 @@ def plan_model(gated: nn.Module, example_inputs=None, *, leaf_modules: Iterable 
             raise failed_at(who, "analyse", node, gm, err) from err
     for node in gm.graph.nodes:  # tensors an in-place op touches through an alias stay whole
         if node.name in ctx.mutated and node in plan.space_of:
-            plan.pin(plan.space_of[node])
+            plan.pin(plan.space_of[node], by=f"an in-place op on a view of {op_name(node, plan)}'s output")
     for name in gm.meta.get("lumos_hooked", ()):  # a container's hooks see what they saw before
         inputs, outputs = boundary(gm.graph, name)
         for node in inputs + outputs:
             if node in plan.space_of:
-                plan.pin(plan.space_of[node])
+                plan.pin(plan.space_of[node], by=f"the hooks of `{name}`")
     plan.solve(max_iters=1 if assume_closed else 10000)
     return plan, ctx.records

@@ -107,11 +107,24 @@ class Whole(Record):
         return count_params(plan.module(node)) if node.op == "call_module" else 0
 
 
+def op_name(node: fx.Node, plan: ChannelPlan) -> str:
+    """How an error or a reason names ``node``: `` `enc.0` (Conv2d)``, `` `torch.roll` ``, `` `.flip()` ``."""
+    if node.op == "call_module":
+        return f"`{node.target}` ({type(plan.module(node)).__name__})"
+    if node.op == "call_method":
+        return f"`.{node.target}()`"
+    if node.op == "call_function":
+        module = getattr(node.target, "__module__", None) or ""
+        prefix = "F." if module.startswith("torch.nn.functional") else "torch." if module.startswith("torch") else ""
+        return f"`{prefix}{getattr(node.target, '__name__', node.target)}`"
+    return f"`{node.name}`"
+
+
 def keep_inputs_whole(node: fx.Node, plan: ChannelPlan) -> None:
     """Every tracked input of ``node`` keeps all its channels, and ``node`` reads them all."""
     for arg in node.all_input_nodes:
         if arg in plan.space_of:
-            plan.pin(plan.space_of[arg])
+            plan.pin(plan.space_of[arg], by=op_name(node, plan))
             plan.consume(plan.space_of[arg])
 
 

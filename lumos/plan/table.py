@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from ..nn import FeatureGate, GatedLinear, GlobalPool
 from . import (ops_attention, ops_conv, ops_elementwise as ew, ops_features, ops_graph, ops_index, ops_io,
-               ops_linear, ops_norm, ops_pool, ops_shape)
+               ops_linear, ops_norm, ops_pixel, ops_pool, ops_shape)
 from .channels import ChannelPlan
 from .record import Context, Record, whole
 
@@ -36,8 +36,10 @@ MODULE_RULES: tuple[tuple[tuple[type, ...], Analyzer], ...] = (
     ((GlobalPool,), ops_graph.analyze_global_pool),
     (ew.UNARY_MODULES, ew.analyze_unary_module),
     (ew.IDENTITY_MODULES, ew.analyze_identity_module),
+    ((nn.GLU,), ew.analyze_glu),
     (ops_pool.MAX_POOLS + ops_pool.AVG_POOLS, ops_pool.analyze_pool),
     ((nn.Flatten, nn.Unflatten), ops_shape.analyze_reshape),
+    (ops_pixel.SHUFFLE_MODULES, ops_pixel.analyze_pixel_shuffle),
 )
 
 
@@ -65,6 +67,9 @@ FUNCTION_RULES: dict[Callable, Analyzer] = {
     **{f: ew.analyze_binary_function for f in ew.BINARY_FUNCTIONS},
     **{f: ops_pool.analyze_pool for f in ops_pool.POOL_FUNCTIONS + ops_pool.AVG_POOL_FUNCTIONS},
     **{f: ops_pool.analyze_reduction for f in ops_pool.REDUCTION_FUNCTIONS},
+    **{f: ops_pool.analyze_move for f in ops_pool.MOVE_FUNCTIONS},
+    F.glu: ew.analyze_glu,
+    **{f: ops_pixel.analyze_pixel_shuffle for f in ops_pixel.SHUFFLE_FUNCTIONS},
     F.layer_norm: ops_norm.analyze_layer_norm_function,
     F.rms_norm: ops_norm.analyze_layer_norm_function,
     torch.flatten: ops_shape.analyze_reshape,
@@ -94,6 +99,7 @@ METHOD_RULES: dict[str, Analyzer] = {
     "clone": ew.analyze_identity,
     "contiguous": analyze_contiguous,
     **{m: ops_pool.analyze_reduction for m in ("mean", "sum", "amax", "amin", "softmax", "log_softmax")},
+    **{m: ops_pool.analyze_move for m in ops_pool.MOVE_METHODS},
     **{m: ops_shape.analyze_reshape for m in ops_shape.RESHAPE_METHODS + ops_shape.FLATTEN_METHODS
        + ops_shape.SQUEEZE_METHODS + ("unflatten",)},
     **{m: ops_shape.analyze_permute for m in ops_shape.PERMUTE_METHODS},
