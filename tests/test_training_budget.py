@@ -110,3 +110,36 @@ def test_train_step_samples_once_evaluates_cost_once_and_reads_nothing_back(in_b
     read_backs = sum(e.count for e in prof.key_averages() if e.key in ("aten::item", "aten::_local_scalar_dense"))
     assert calls == {"sample": 1, "cost": 1, "walk": 0}
     assert read_backs == 0
+
+
+def test_fit_warns_when_the_annealing_is_too_short_for_the_gates_to_close():
+    """A run whose annealing phase is shorter than a gate logit's travel to closed at Adam's step
+    (about its learning rate) is warned about with the epochs that would be enough (an SRResNet at
+    160 steps, target 0.3, closed one of its two needed inputs and ended at 6x the dense loss);
+    those epochs give no warning; SGD's step has no such bound, so it is not judged."""
+    import re
+    import warnings
+
+    from torch import nn
+
+    from lumos.train.budget import anneal_too_short
+
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 4), torch.randn(256, 1)
+
+    def gated_mlp():
+        torch.manual_seed(0)
+        return lumos.gate(nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1)), x[:8])
+
+    with pytest.warns(RuntimeWarning, match=r"anneals over 5 optimiser steps.*train for at least \d+ epochs") as caught:
+        lumos.fit(gated_mlp(), (x, y), target=0.5, epochs=2, batch_size=32, lr=1e-3, seed=0, progress=False)
+    enough = int(re.search(r"at least (\d+) epochs", str(caught[0].message)).group(1))
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        lumos.fit(gated_mlp(), (x, y), target=0.5, epochs=enough, batch_size=32, lr=1e-3, seed=0, progress=False)
+    assert not [w for w in later if "anneals over" in str(w.message)]
+    gated = gated_mlp()
+    controller = lumos.BudgetController(gated, target=0.5, total_steps=16)
+    assert anneal_too_short(controller, torch.optim.SGD(lumos.param_groups(gated, lr=1e-3), momentum=0.9)) is None
+    why, steps = anneal_too_short(controller, torch.optim.Adam(lumos.param_groups(gated, lr=1e-3)))
+    assert steps > 16 and "lam" in why

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..cost import check_cost, cost_model
+from ..cost import check_cost, cost_model, kept_bound
 from ..gates import fold_lock_scales_, gate_logits, gates_of, pin_gates_, step_gates_
 from .penalty import check_gated, kept_fraction
 
@@ -326,6 +326,37 @@ def momentum_lookahead(optimizer: torch.optim.Optimizer, model: nn.Module, who: 
             return round(momentum / (1.0 - momentum), 9)  # 0.9 gives 9.0, not 9.000000000000002
     raise ValueError(f"{who}: `optimizer` does not hold the model's gate logits, so no gate could close "
                      "towards `target`; build it over lumos.param_groups(model, lr) or model.parameters()")
+
+
+def anneal_too_short(controller: BudgetController, optimizer: torch.optim.Optimizer) -> tuple[str, int] | None:
+    """``(why, steps)`` when ``controller``'s annealing phase is too short for the gates to close in
+    it (``steps``: the fewest ``total_steps`` long enough), else None.
+
+    Adam (and its kin, the groups with ``betas``) moves a parameter by about its learning rate per
+    step, so over the annealing phase a gate logit travels at most about ``steps * gate_lr``; a
+    gate must travel from its logit now (the median over the model's gates) to the bound where its
+    eval mask is 0 (:func:`lumos.cost.kept_bound`) for the model to shrink. When it cannot, the
+    budget runs ahead of the gates, ``lam`` climbs to its bound and every gate falls at once at the
+    end of the phase, inputs included (an SRResNet of 29k parameters at 160 steps, target 0.3: one
+    of its two needed inputs closed, validation loss 0.24 against 0.04 dense). None for optimizers
+    without ``betas`` (their step scales with the gradient: no such bound)."""
+    gates = [gate for _, gate in gates_of(controller.model)]
+    ids = {id(gate.log_alpha) for gate in gates}
+    group = next((g for g in optimizer.param_groups if any(id(p) in ids for p in g["params"])), None)
+    if group is None or "betas" not in group:
+        return None
+    steps = (controller.anneal - controller.warmup) * controller.total_steps
+    with torch.no_grad():
+        travel = torch.cat([gate.log_alpha.detach().flatten().double().cpu() - kept_bound(gate, torch.float64)
+                            for gate in gates]).median().item()
+    reach = steps * float(group["lr"])
+    if reach >= travel:
+        return None
+    why = (f"the budget anneals over {steps:.0f} optimiser steps, and with Adam a gate logit moves about its "
+           f"learning rate ({float(group['lr']):g}) per step: {reach:.1f} logit units, short of the {travel:.1f} "
+           "a gate travels to close. The controller then raises lam until every gate falls at once, which can "
+           "close needed inputs or a whole layer")
+    return why, math.ceil(controller.total_steps * travel / reach)
 
 
 def _clamp(value, low: float, high: float):

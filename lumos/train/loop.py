@@ -26,7 +26,7 @@ from ..cost import check_cost, cost_model
 from ..gates import gates_of, model_sampler, step_gates_
 from ..model import has_feature_gate
 from . import distributed as ddp
-from .budget import BudgetController, check_target, momentum_lookahead
+from .budget import BudgetController, anneal_too_short, check_target, momentum_lookahead
 from .checkpoint import (check_fingerprint, model_fingerprint, read_checkpoint, remove_stale_temp, rng_states,
                          save_atomic, set_rng_states, FORMAT, VERSION)
 from .data import LoaderData, TensorData, as_data, check_against_model, check_tensors
@@ -646,6 +646,13 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
         options = {"lookahead": momentum_lookahead(optimizer, model, who), **(controller_options or {})}
         controller = BudgetController(model, target, epochs * _steps_per_epoch(train_data, batch_size), cost,
                                       who=who, **options)
+        too_short = anneal_too_short(controller, optimizer)
+        if too_short is not None and (ranks is None or ranks.main):
+            why, steps = too_short
+            warnings.warn(f"{who}: {why}: train for at least {math.ceil(steps * epochs / controller.total_steps)} "
+                          f"epochs, or give the gate logits a larger learning rate "
+                          "(optimizer=torch.optim.Adam(lumos.param_groups(model, lr, gate_lr=...)))",
+                          RuntimeWarning, stacklevel=2)
     scheduler = _scheduler(scheduler, optimizer, who)
     store = None
     if checkpoint is not None:
