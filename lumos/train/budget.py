@@ -47,7 +47,9 @@ class BudgetController:
 
     The model minimises ``task + lam * E`` where ``E`` is the expected fraction of the dense
     cost kept under the gates' ``p_open`` (with ``relative``, ``lam`` is also multiplied by the
-    detached task loss, so that it weighs relative changes of the loss whatever its scale).
+    detached task loss, so that it weighs relative changes of the loss whatever its scale; never by
+    more than the loss at the end of the warm-up, so that a loss the gates raise does not raise the
+    pressure on them).
     The run has three phases over ``total_steps``:
 
     1. warm-up (the first ``warmup`` of the steps): ``lam = 0``; the gates, which start open,
@@ -105,7 +107,8 @@ class BudgetController:
             0.9; 0 for an optimiser without momentum).
         lam_max: the bound on ``lam``; a run that reaches it cannot meet its target
             (:attr:`saturated`).
-        relative: scale the penalty by the detached task loss given to :meth:`penalty`.
+        relative: scale the penalty by the detached task loss given to :meth:`penalty`, capped at
+            its value at the end of the warm-up.
 
     Usage (:meth:`step` after ``optimizer.step()`` also clamps the gates and moves their noise
     to the next step)::
@@ -161,6 +164,7 @@ class BudgetController:
             self._saturated = torch.zeros((), dtype=torch.bool, device=device)
         self._soft_before = self._soft_kept  # None (a checkpoint without it): no rate at the next step
         self._locked = torch.zeros((), dtype=torch.bool, device=device)
+        self._loss_ref = None  # the warm-up's task loss, which caps the penalty's scale (_loss_scale)
         self._units: torch.Tensor | None = None  # kept units measured at the last penalty() after the annealing
         self._last = (self._kept, None)  # the measurement before that
 
@@ -190,12 +194,30 @@ class BudgetController:
                 self._kept, self._units = costs.actual_tensor(self.cost, units) / costs.dense[self.cost], units
         weight = self._lam
         if self.relative and task_loss is not None:
-            weight = weight * (task_loss.item() if self._on_host else task_loss.detach())
+            weight = weight * self._loss_scale(task_loss.item() if self._on_host else task_loss.detach())
         if not self._on_host:
             return weight.to(expected.dtype) * expected  # the weight carries no gradient: one product in the graph
         if expected.dtype not in (torch.float32, torch.float64):  # torch would multiply by the float unrounded
             weight = torch.tensor(weight, dtype=torch.float64).to(expected.dtype).item()
         return expected * weight  # torch rounds the float to float32 first, as weight.to(float32) does
+
+    def _loss_scale(self, task):
+        """The detached task loss that scales the penalty (``relative``), capped at the loss the
+        network reached by the end of the warm-up (an average of its last steps, about ten, then
+        frozen; without a warm-up, the first step's loss). While gates are inside the stochastic
+        band the loss rises; a penalty that rose with it would close more gates, which raises the
+        loss again: on an SRResNet (x2 super-resolution of a two-field flow, target 0.3, 640
+        steps) that loop ended with a needed input closed or a constant model on 6 of 10 seeds;
+        capped, on 2."""
+        warm = self._loss_ref is None or self.steps < self.warmup * self.total_steps
+        if self._on_host:
+            if warm:
+                self._loss_ref = task if self._loss_ref is None else 0.9 * self._loss_ref + 0.1 * task
+            return min(task, self._loss_ref)  # a NaN loss stays NaN (the run's divergence check names it)
+        task = task.double()
+        if warm:
+            self._loss_ref = task.clone() if self._loss_ref is None else self._loss_ref * 0.9 + task * 0.1
+        return torch.where(task > self._loss_ref, self._loss_ref, task)
 
     def _measures_kept(self) -> bool:
         """Once the budget is within twice the target and until the lock, the eval masks' fraction
@@ -293,6 +315,7 @@ class BudgetController:
                 "kept": self._kept.clone(), "saturated": _as_state(self._saturated),
                 "locked_on_device": self._locked.clone(),
                 "units": self._units, "last": self._last, "locked": self.locked,
+                "loss_ref": None if self._loss_ref is None else _as_state(self._loss_ref),
                 "steps": self.steps, "target": self.target, "cost": self.cost, "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict) -> None:
@@ -306,6 +329,8 @@ class BudgetController:
         self._locked = state["locked_on_device"].to(device)
         self._units, self._last = state["units"], state["last"]
         self.steps, self.locked = int(state["steps"]), bool(state["locked"])
+        ref = state.get("loss_ref")  # absent from checkpoints written before the cap
+        self._loss_ref = None if ref is None else ref.item() if self._on_host else ref.to(device)
 
 
 def momentum_lookahead(optimizer: torch.optim.Optimizer, model: nn.Module, who: str = "lumos.fit") -> float:
