@@ -844,3 +844,33 @@ def test_cost_model_evaluates_every_layer_in_one_pass_matching_the_per_layer_for
     assert float(measured.kept) == pytest.approx(costs.actual("params"))
     assert float(measured.expected) == pytest.approx(float(lumos.penalty(gated, "params")), rel=1e-6)
     assert measured.kept_units.shape == measured.in_band.shape == (costs.n_units,)
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_the_penalty_scale_is_the_task_loss_capped_at_the_warm_ups(gated_mlp, monkeypatch, host):
+    """With ``relative``, ``lam * min(task, L_w) * E``: ``L_w`` averages the warm-up's task losses
+    (EMA 0.9), then stays; a loss that rises above it (gates in the band) does not raise the
+    pressure, a loss below it scales it down as before; the reference survives a checkpoint."""
+    monkeypatch.setattr(lumos.BudgetController, "host_scalars_on_cpu", host)
+
+    def controller():
+        c = lumos.BudgetController(gated_mlp, target=0.5, total_steps=10, warmup=0.3, anneal=0.6)
+        c._lam = 2.0 if host else torch.tensor(2.0, dtype=torch.float64)  # a fixed weight, to read the scale
+        return c
+
+    def scale(c, task):
+        expected = cost_model(gated_mlp).expected_and_soft_kept("params", normalize=True)[0]
+        return float(c.penalty(torch.tensor(task)).detach() / (2.0 * expected.detach()))
+
+    c = controller()
+    reference = None
+    for task in (1.0, 3.0, 2.0):  # the warm-up: steps 0, 1, 2
+        reference = task if reference is None else 0.9 * reference + 0.1 * task
+        assert scale(c, task) == pytest.approx(min(task, reference), rel=1e-6)
+        c.steps += 1
+    assert reference == pytest.approx(1.28)
+    assert scale(c, 5.0) == pytest.approx(1.28, rel=1e-6)  # capped
+    assert scale(c, 0.5) == pytest.approx(0.5, rel=1e-6)  # below: the loss itself
+    resumed = controller()
+    resumed.load_state_dict(c.state_dict())
+    assert scale(resumed, 5.0) == pytest.approx(1.28, rel=1e-6)
