@@ -848,13 +848,14 @@ def test_cost_model_evaluates_every_layer_in_one_pass_matching_the_per_layer_for
 
 @pytest.mark.parametrize("host", [True, False])
 def test_the_penalty_scale_is_the_task_loss_capped_at_the_warm_ups(gated_mlp, monkeypatch, host):
-    """With ``relative``, ``lam * min(task, L_w) * E``: ``L_w`` averages the warm-up's task losses
-    (EMA 0.9), then stays; a loss that rises above it (gates in the band) does not raise the
-    pressure, a loss below it scales it down as before; the reference survives a checkpoint."""
+    """With ``relative`` and ``loss_cap``, ``lam * min(task, L_w) * E``: ``L_w`` averages the
+    warm-up's task losses (EMA 0.9), then stays; a loss that rises above it (gates in the band) does
+    not raise the pressure, a loss below it scales it down as before; the reference survives a
+    checkpoint. Without ``loss_cap`` (the default) the scale is the loss itself."""
     monkeypatch.setattr(lumos.BudgetController, "host_scalars_on_cpu", host)
 
-    def controller():
-        c = lumos.BudgetController(gated_mlp, target=0.5, total_steps=10, warmup=0.3, anneal=0.6)
+    def controller(loss_cap=True):
+        c = lumos.BudgetController(gated_mlp, target=0.5, total_steps=10, warmup=0.3, anneal=0.6, loss_cap=loss_cap)
         c._lam = 2.0 if host else torch.tensor(2.0, dtype=torch.float64)  # a fixed weight, to read the scale
         return c
 
@@ -874,3 +875,6 @@ def test_the_penalty_scale_is_the_task_loss_capped_at_the_warm_ups(gated_mlp, mo
     resumed = controller()
     resumed.load_state_dict(c.state_dict())
     assert scale(resumed, 5.0) == pytest.approx(1.28, rel=1e-6)
+    default = controller(loss_cap=False)
+    default.steps = 5
+    assert scale(default, 5.0) == pytest.approx(5.0, rel=1e-6)

@@ -366,8 +366,9 @@ class FitLoop:
             if self.ranks is None or self.ranks.main:
                 warnings.warn(f"lumos.fit: after epoch {self.epoch - 1} (step {self.step}) "
                               f"{constant_message(self.model)}. lumos.compact will refuse it (unless "
-                              "allow_constant=True): train with a larger `target` or a smaller `lam`, or resume "
-                              "an earlier checkpoint", RuntimeWarning, stacklevel=3)
+                              "allow_constant=True): train with a larger `target` or a smaller `lam`, cap the "
+                              "penalty's loss scale (controller_options={'loss_cap': True}), or resume an "
+                              "earlier checkpoint", RuntimeWarning, stacklevel=3)
 
     def end_epoch(self, row: dict, score: float, patience: int | None) -> bool:
         """Record the epoch, keep the best weights within budget; True when patience runs out."""
