@@ -11,6 +11,7 @@ from torch import fx, nn
 from ..plan.ops_elementwise import ADD, DIV, IDENTITY, MUL, NEG, SUB, ChannelPReLU, Elementwise, GatedHalves
 from ..plan.ops_io import attr_value
 from ..plan.ops_pool import Channelwise, PassThrough
+from ..plan.ops_shape import input_of
 from ..plan.record import channel_view
 from ..plan.trace import node_shape
 from .builder import Builder, as64
@@ -124,7 +125,7 @@ def build_glu(node: fx.Node, record: GatedHalves, b: Builder) -> None:
     """GLU of the kept channel pairs (copied: it halves any even width); a dropped pair of
     constants holds ``a * sigmoid(b)``."""
     space = b.plan.space_of[node]
-    x = node.args[0] if node.args else node.kwargs["input"]
+    x = input_of(node)
     if b.plan.width(node) > 0:
         b.copy(node)
     else:

@@ -25,7 +25,7 @@ def build_pixel_shuffle(node: fx.Node, record: PixelShuffle, b: Builder) -> None
     """Copied (the kept channels are whole groups, in order); a dropped output channel of a shuffle
     holds its group's common constant, and a group of different constants is refused."""
     b.copy(node)
-    x = node.args[0] if node.args else node.kwargs["input"]
+    x = input_of(node)
     const, group = b.values[x].const, record.factor ** 2
     if record.unshuffle:
         b.values[node] = Value(const.repeat_interleave(group))

@@ -18,6 +18,7 @@ from torch import fx, nn
 
 from .channels import AFFINE, CONST, FREE, ChannelPlan
 from .ops_io import attr_space, attr_value
+from .ops_shape import tracked_input
 from .record import Context, Copy, Record, op_name, whole
 from .trace import node_shape
 
@@ -162,8 +163,8 @@ def analyze_unary_module(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Reco
 def analyze_channel_prelu(node: fx.Node, plan: ChannelPlan) -> Record:
     """Channel ``c`` of the output is channel ``c`` of the input under its own slope (PReLU's
     channel dim is dim 1): tied; a constant stays a constant, anything else becomes FREE."""
-    x = node.args[0] if node.args else None
-    space, shape = (plan.space_of.get(x), node_shape(x)) if isinstance(x, fx.Node) else (None, None)
+    x, space = tracked_input(node, plan)
+    shape = node_shape(x) if space is not None else None
     if (space is None or shape is None or len(shape) < 2 or space.dim != 1
             or space.size != plan.module(node).num_parameters or len(node.args) != 1 or node.kwargs):
         return whole(node, plan)
@@ -179,8 +180,8 @@ class GatedHalves(Record):
 
 
 def analyze_glu(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
-    x = node.args[0] if node.args else node.kwargs.get("input")
-    space, shape = (plan.space_of.get(x), node_shape(x)) if isinstance(x, fx.Node) else (None, None)
+    x, space = tracked_input(node, plan)
+    shape = node_shape(x) if space is not None else None
     if node.op == "call_module":
         dim = plan.module(node).dim
     else:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .channels import CONST, FREE, ChannelPlan
+from .ops_shape import tracked_input
 from .record import Context, Record, whole
 from .trace import node_shape
 
@@ -46,8 +47,8 @@ def _factor_and_kind(node: fx.Node, plan: ChannelPlan) -> tuple[int | None, bool
 
 
 def analyze_pixel_shuffle(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
-    x = node.args[0] if node.args else node.kwargs.get("input")
-    space, shape = (plan.space_of.get(x), node_shape(x)) if isinstance(x, fx.Node) else (None, None)
+    x, space = tracked_input(node, plan)
+    shape = node_shape(x) if space is not None else None
     factor, unshuffle = _factor_and_kind(node, plan)
     if space is None or shape is None or factor is None or len(shape) < 3 or space.dim != len(shape) - 3:
         return whole(node, plan)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .channels import CONST, FREE, ChannelPlan
+from .ops_shape import tracked_input
 from .record import Context, Record, whole
 from .trace import node_shape
 
@@ -149,8 +150,7 @@ def _moved_dims(node: fx.Node):
 def analyze_move(node: fx.Node, plan: ChannelPlan, ctx: Context) -> Record:
     """``torch.roll`` / ``torch.flip`` (function or method) along dims other than the channel
     dim: each channel's positions are moved, channels pass through."""
-    x = node.args[0] if node.args else node.kwargs.get("input")
-    space = plan.space_of.get(x) if isinstance(x, fx.Node) else None
+    x, space = tracked_input(node, plan)
     shape = node_shape(x) if space is not None else None
     dims = _moved_dims(node)
     if space is None or shape is None or dims is None or space.dim in {d % len(shape) for d in dims}:

@@ -340,6 +340,12 @@ class BudgetController:
         self._loss_ref = None if ref is None else ref.item() if self._on_host else ref.to(device)
 
 
+def gate_logit_group(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict | None:
+    """The first parameter group of ``optimizer`` holding any of ``model``'s gate logits, or None."""
+    logits = {id(logit) for logit in gate_logits(model)}
+    return next((g for g in optimizer.param_groups if any(id(p) in logits for p in g["params"])), None)
+
+
 def momentum_lookahead(optimizer: torch.optim.Optimizer, model: nn.Module, who: str = "lumos.fit") -> float:
     """``BudgetController``'s ``lookahead`` for ``optimizer``: ``b / (1 - b)``, the steps a logit
     keeps moving after its gradient stops, for the momentum ``b`` of the parameter group holding
@@ -347,15 +353,14 @@ def momentum_lookahead(optimizer: torch.optim.Optimizer, model: nn.Module, who: 
     0 for a group with neither (no momentum). Adam's default 0.9 gives 9. An optimizer without
     the gate logits, which could never reach a target, or with a momentum outside [0, 1) for
     them, is an error naming ``who``."""
-    logits = {id(logit) for logit in gate_logits(model)}
-    for group in optimizer.param_groups:
-        if any(id(p) in logits for p in group["params"]):
-            momentum = float(group["betas"][0] if "betas" in group else group.get("momentum", 0.0))
-            if not 0.0 <= momentum < 1.0:  # torch.optim.SGD accepts momentum=1 and above
-                raise ValueError(f"{who}: `optimizer` moves the gate logits with momentum {momentum}; a logit "
-                                 "then never stops moving once its gradient does, so no target could be held: "
-                                 "use a momentum in [0, 1) for the gate logits' group")
-            return round(momentum / (1.0 - momentum), 9)  # 0.9 gives 9.0, not 9.000000000000002
+    group = gate_logit_group(optimizer, model)
+    if group is not None:
+        momentum = float(group["betas"][0] if "betas" in group else group.get("momentum", 0.0))
+        if not 0.0 <= momentum < 1.0:  # torch.optim.SGD accepts momentum=1 and above
+            raise ValueError(f"{who}: `optimizer` moves the gate logits with momentum {momentum}; a logit "
+                             "then never stops moving once its gradient does, so no target could be held: "
+                             "use a momentum in [0, 1) for the gate logits' group")
+        return round(momentum / (1.0 - momentum), 9)  # 0.9 gives 9.0, not 9.000000000000002
     raise ValueError(f"{who}: `optimizer` does not hold the model's gate logits, so no gate could close "
                      "towards `target`; build it over lumos.param_groups(model, lr) or model.parameters()")
 
@@ -372,11 +377,10 @@ def anneal_too_short(controller: BudgetController, optimizer: torch.optim.Optimi
     end of the phase, inputs included (an SRResNet of 29k parameters at 160 steps, target 0.3: one
     of its two needed inputs closed, validation loss 0.24 against 0.04 dense). None for optimizers
     without ``betas`` (their step scales with the gradient: no such bound)."""
-    gates = [gate for _, gate in gates_of(controller.model)]
-    ids = {id(gate.log_alpha) for gate in gates}
-    group = next((g for g in optimizer.param_groups if any(id(p) in ids for p in g["params"])), None)
+    group = gate_logit_group(optimizer, controller.model)
     if group is None or "betas" not in group:
         return None
+    gates = [gate for _, gate in gates_of(controller.model)]
     steps = (controller.anneal - controller.warmup) * controller.total_steps
     with torch.no_grad():
         travel = torch.cat([gate.log_alpha.detach().flatten().double().cpu() - kept_bound(gate, torch.float64)
