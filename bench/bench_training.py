@@ -28,8 +28,9 @@ Three measurements:
       OMP_NUM_THREADS=1 python bench/bench_training.py schedules
 
 - ``superres``: training on a model lumos was not built for (an SRResNet doing x2
-  super-resolution of two fields, both needed), 10 seeds, the default controller against
-  ``loss_cap=True`` (README, "How a run reaches its budget")::
+  super-resolution of two fields, both needed), 10 seeds: the default, a gate per layer
+  (``lumos.gate(..., share_gates=False)``, what lumos did before the residual stream's
+  producers shared one gate) and ``loss_cap=True`` (README, "How a run reaches its budget")::
 
       OMP_NUM_THREADS=1 python bench/bench_training.py superres [--seeds 0 1 2] [--epochs 40]
 
@@ -60,7 +61,7 @@ from lumos_kernels.hard_concrete import BETA, GAMMA, ZETA, log_alpha_bounds
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from bench_compaction import HIDDEN, N_FEATURES, N_OUTPUTS, TRAIN_BATCH, measure, run_info, surrogate_mlp  # noqa: E402
-from zoo_training import TASKS, Task  # noqa: E402
+from zoo_training import TASKS, Task, two_field_superres  # noqa: E402
 
 EPOCHS, LR, BATCH = 20, 1e-2, 256  # the one setting every task and schedule trains with
 TARGET = 0.1
@@ -383,33 +384,32 @@ def compare(seeds=SEEDS) -> None:
             print(f"| {task_name} | {fraction:.0%} | {ours:.4f} | {theirs:.4f} | {'yes' if ours >= theirs else 'NO'} |")
 
 
-def two_field_superres(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)``: x2 super-resolution of two smooth fields ``u``, ``v`` (Gaussian noise smoothed
-    by a 7-point box, scaled by 3) from their 2x2 averages plus a noise channel; the target, three
-    channels of ``u + v`` at full resolution, needs both fields."""
-    g = torch.Generator().manual_seed(seed)
-    fine = F.avg_pool2d(torch.randn(n, 2, 2 * size + 6, 2 * size + 6, generator=g), 7, stride=1) * 3
-    x = torch.cat([F.avg_pool2d(fine, 2), torch.randn(n, 1, size, size, generator=g)], 1)
-    return x, fine.sum(1, keepdim=True).expand(-1, 3, -1, -1).contiguous()
+SUPERRES_ARMS = {  # name -> (lumos.gate keywords, BudgetController options)
+    "default": ({}, {}),
+    "share_gates=False": ({"share_gates": False}, {}),
+    "loss_cap=True": ({}, {"loss_cap": True}),
+}
 
 
-def superres(seeds=tuple(range(10)), epochs: int = 40) -> None:
+def superres(seeds=tuple(range(10)), epochs: int = 40, arms=tuple(SUPERRES_ARMS)) -> None:
     """Training on a model lumos was not built for: an SRResNet (``tests/test_compact_channel_ops.py``)
     doing ``two_field_superres``, ``lumos.fit(target=0.3)``, Adam lr 2e-3, batch 32, 512 samples,
-    with the default controller and with ``loss_cap=True``: the inputs kept and the validation
-    loss of each seed (a run is good when it keeps ``u`` and ``v``)."""
+    in each of ``arms`` (:data:`SUPERRES_ARMS`): the inputs kept and the validation loss of each
+    seed (a run is good when it keeps ``u`` and ``v``)."""
     from test_compact_channel_ops import SRResNet
 
     print(f"SRResNet(16 channels, 2 blocks), {epochs} epochs of 16 steps, target 0.3, seeds {tuple(seeds)}\n")
-    print("| controller | seed | inputs kept | val loss | kept fraction |")
+    print("| setting | seed | inputs kept | val loss | kept fraction |")
     print("|---|---|---|---|---|")
     good = {}
-    for name, options in (("default", {}), ("loss_cap=True", {"loss_cap": True})):
+    for name in arms:
+        gate_options, options = SUPERRES_ARMS[name]
         for seed in seeds:
             x, y = two_field_superres(512, seed)
             val = two_field_superres(128, seed + 50)
             torch.manual_seed(seed)
-            gated = lumos.gate(SRResNet(16, 2), x[:8], feature_names=["u", "v", "noise"], feature_dim=1)
+            gated = lumos.gate(SRResNet(16, 2), x[:8], feature_names=["u", "v", "noise"], feature_dim=1,
+                               **gate_options)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a collapse is reported in the table
                 lumos.fit(gated, (x, y), val, target=0.3, epochs=epochs, lr=2e-3, batch_size=32, seed=seed,
@@ -427,6 +427,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help=f"schedules ({EPOCHS}), superres (40): epochs per run")
     parser.add_argument("--lr", type=float, default=LR, help="schedules: learning rate")
     parser.add_argument("--schedule", action="append", choices=list(SCHEDULES), help="schedules: only these")
+    parser.add_argument("--arm", action="append", choices=list(SUPERRES_ARMS), help="superres: only these")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help=f"schedules, compare ({' '.join(map(str, SEEDS))}), superres (0-9): the seeds")
     args = parser.parse_args(argv)
@@ -436,7 +437,8 @@ def main(argv=None) -> None:
     elif args.what == "compare":
         compare(seeds)
     elif args.what == "superres":
-        superres(args.seeds if args.seeds is not None else tuple(range(10)), args.epochs or 40)
+        superres(args.seeds if args.seeds is not None else tuple(range(10)), args.epochs or 40,
+                 args.arm or tuple(SUPERRES_ARMS))
     else:
         overhead()
 

@@ -76,6 +76,9 @@ class CostModel:
         producers = [(groups_of(space), units_of(gate)) for space, gate in plan.producer_gates]
         self._prod_group = _cat_long([g for g, _ in producers])
         self._prod_unit = _cat_long([u for _, u in producers])
+        if self._prod_group.numel():  # a gate shared by several layers produces each of its groups once
+            pairs = torch.unique(torch.stack([self._prod_group, self._prod_unit]), dim=1)
+            self._prod_group, self._prod_unit = pairs[0].contiguous(), pairs[1].contiguous()
         certain = torch.zeros(self.n_groups, dtype=torch.bool)
         for space in plan.certain_spaces:
             certain[groups_of(space)] = True

@@ -386,13 +386,34 @@ def fold_lock_scales_(model: nn.Module) -> None:
     """Move every ``lock_scale`` that a layer of ``model`` can absorb into its weights (gated
     linear and convolution layers: :meth:`lumos.nn.GatedLinear.fold_lock_scales_`); the others
     (input feature gates, GIN columns, attention, a layer whose weight another module also
-    holds, which folding would change for both) keep theirs. What the model computes does not
-    change."""
+    holds, which folding would change for both) keep theirs; a gate several layers share is
+    folded into each of them, or kept when one of them cannot fold. What the model computes
+    does not change."""
     holders = tensor_holders(model)
+    folding = [module for module in model.modules() if callable(getattr(module, "fold_lock_scales_", None))
+               and all(len(holders[id(p)]) == 1 for p in module.parameters(recurse=False))]
+    # a gate several layers share (lumos.gate's share_gates): folded into each of them, or into none
+    users: dict[int, list[nn.Module]] = {}
     for module in model.modules():
-        fold = getattr(module, "fold_lock_scales_", None)
-        if callable(fold) and all(len(holders[id(p)]) == 1 for p in module.parameters(recurse=False)):
-            fold()
+        for gate in _layer_gates(module):
+            users.setdefault(id(gate), []).append(module)
+    scales = {key: layers[0] for key, layers in users.items() if len(layers) > 1}
+    scales = {key: next(g for g in _layer_gates(layer) if id(g) == key).lock_scale.clone()
+              for key, layer in scales.items() if all(m in folding for m in users[key])}
+    for module in folding:
+        gates = _layer_gates(module)
+        if any(len(users[id(g)]) > 1 and id(g) not in scales for g in gates):
+            continue  # a user of this gate keeps its scale: so must every other
+        for gate in gates:
+            if id(gate) in scales:
+                gate.lock_scale.copy_(scales[id(gate)])  # what an earlier user's fold reset to 1
+        module.fold_lock_scales_()
+
+
+def _layer_gates(module: nn.Module) -> list[HardConcreteGate]:
+    """The input and output gates of a gated layer (none for other modules)."""
+    return [g for g in (getattr(module, "in_gate", None), getattr(module, "out_gate", None))
+            if isinstance(g, HardConcreteGate)]
 
 
 @torch.no_grad()

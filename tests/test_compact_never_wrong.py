@@ -157,7 +157,7 @@ class InPlaceVariants(nn.Module):
 
 def test_inplace_ops_and_a_removed_layer_before_them_compact_exactly():
     x = torch.randn(6, 5)
-    gated = lumos.gate(InPlaceVariants(), x)
+    gated = lumos.gate(InPlaceVariants(), x, share_gates=False)  # fc3 alone removed: its own gate
     randomize_gates(gated, seed=3)
     with torch.no_grad():
         gated.model.fc3.out_gate.log_alpha.fill_(-8.0)  # removed: tanh_ acts on a constant

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lumos import workloads
@@ -86,3 +87,13 @@ TASKS: dict[str, Callable[[int], Task]] = {
     "four_of_fourteen": four_of_fourteen,
     "cfd_flux": cfd_flux_small,
 }
+
+
+def two_field_superres(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)``: x2 super-resolution of two smooth fields ``u``, ``v`` (Gaussian noise smoothed
+    by a 7-point box, scaled by 3) from their 2x2 averages plus a noise channel; the target, three
+    channels of ``u + v`` at full resolution, needs both fields."""
+    g = torch.Generator().manual_seed(seed)
+    fine = F.avg_pool2d(torch.randn(n, 2, 2 * size + 6, 2 * size + 6, generator=g), 7, stride=1) * 3
+    x = torch.cat([F.avg_pool2d(fine, 2), torch.randn(n, 1, size, size, generator=g)], 1)
+    return x, fine.sum(1, keepdim=True).expand(-1, 3, -1, -1).contiguous()

@@ -12,7 +12,7 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
-from ..gates import gates_of, tensor_holders
+from ..gates import HardConcreteGate, gates_of, tensor_holders
 from ..model import GatedModel, as_input_tuple, has_feature_gate
 from .channels import ChannelPlan
 from .errors import CompactionError, failed_at
@@ -84,13 +84,18 @@ def _stateful(module: nn.Module) -> bool:
 def shared_with(gm: fx.GraphModule) -> dict[str, str]:
     """Called modules that hold a parameter or buffer also held by a module outside them (tied
     weights, e.g. ``decoder.weight = encoder.weight``), each mapped to the name of one such
-    other module."""
+    other module. A gate shared by several layers (:func:`lumos.gate`'s ``share_gates``) is not
+    a tie: it scales the same channels wherever it is used."""
     owners = tensor_holders(gm)
     shared = {}
     for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module"):  # graph order
         inside = lambda name: name == target or name.startswith(target + ".")  # noqa: E731
         module = gm.get_submodule(target)
+        gate_state = {id(t) for m in module.modules() if isinstance(m, HardConcreteGate)
+                      for t in [*m.parameters(), *m.buffers()]}  # a shared gate (lumos.gate) ties no weight
         for t in [*module.parameters(), *module.buffers()]:
+            if id(t) in gate_state:
+                continue
             other = next((name for name in owners.get(id(t), ()) if not inside(name)), None)
             if other is not None:
                 shared[target] = other
