@@ -34,6 +34,12 @@ Three measurements:
 
       OMP_NUM_THREADS=1 python bench/bench_training.py superres [--seeds 0 1 2] [--epochs 40]
 
+- ``residual``: shared gates against a gate per layer on two more residual models with known
+  inputs, a ResNet of BasicBlocks regressing a field and a residual MLP on the ``schedules``
+  tasks (README, "What an input gate can miss")::
+
+      OMP_NUM_THREADS=1 python bench/bench_training.py residual [--seeds 0 1 2 3]
+
 - ``compare``: lumos (gates, then fine-tuning of the compacted model) against Torch-Pruning's
   L1 magnitude pruning (dense training, global magnitude ranking to the same parameter count
   within 5%, the same fine-tuning) at about 10% and 5% of the parameters, same optimiser, epochs and batches
@@ -61,7 +67,7 @@ from lumos_kernels.hard_concrete import BETA, GAMMA, ZETA, log_alpha_bounds
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from bench_compaction import HIDDEN, N_FEATURES, N_OUTPUTS, TRAIN_BATCH, measure, run_info, surrogate_mlp  # noqa: E402
-from zoo_training import TASKS, Task, two_field_superres  # noqa: E402
+from zoo_training import TASKS, ResidualMLP, Task, field_product, field_resnet, two_field_superres  # noqa: E402
 
 EPOCHS, LR, BATCH = 20, 1e-2, 256  # the one setting every task and schedule trains with
 TARGET = 0.1
@@ -418,12 +424,66 @@ def superres(seeds=tuple(range(10)), epochs: int = 40, arms=tuple(SUPERRES_ARMS)
             good[name] = good.get(name, 0) + (set(kept) == {"u", "v"})
             print(f"| {name} | {seed} | {', '.join(kept) or 'none (constant)'} | "
                   f"{lumos.evaluate(gated, val)[0]:.4f} | {lumos.kept_fraction(gated):.3f} |", flush=True)
-    print("\n" + "; ".join(f"{name}: both inputs kept in {n} of {len(seeds)}" for name, n in good.items()))
+    print("\n" + "; ".join(f"{name}: exactly u and v kept in {n} of {len(seeds)}" for name, n in good.items()))
+
+
+class _MaxLam(lumos.Callback):
+    """Records the largest ``lam`` of a run."""
+
+    def __init__(self):
+        self.max = 0.0
+
+    def on_step_end(self, loop, task_loss) -> None:
+        self.max = max(self.max, loop.controller.lam)
+
+
+def residual(seeds=(0, 1, 2, 3)) -> None:
+    """Shared gates against a gate per layer (``lumos.gate(..., share_gates=False)``) on residual
+    models lumos was not built for, with known inputs: a ResNet of BasicBlocks regressing
+    ``field_product`` (``u``, ``v`` needed, a noise channel; target 0.2, 40 epochs of 16 steps,
+    Adam lr 2e-3, batch 32) and a residual MLP on the three tasks of ``schedules`` (target 0.1,
+    ``EPOCHS`` epochs, lr ``LR``, batch ``BATCH``; seeds 0-2). Each row: the relevant inputs lost,
+    the irrelevant ones kept, the validation loss or R2, the fraction of parameters, the largest
+    ``lam``."""
+    print("| model | share_gates | seed | relevant lost | irrelevant kept | val | fraction | max lam |")
+    print("|---|---|---|---|---|---|---|---|")
+    for share in (True, False):
+        for seed in seeds:
+            x, y = field_product(512, seed)
+            val = field_product(128, seed + 50)
+            torch.manual_seed(seed)
+            gated = lumos.gate(field_resnet(), x[:8], feature_names=["u", "v", "noise"], feature_dim=1,
+                               share_gates=share)
+            lam = _MaxLam()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                lumos.fit(gated, (x, y), val, target=0.2, epochs=40, lr=2e-3, batch_size=32, seed=seed,
+                          progress=False, callbacks=[lam])
+            kept = set(lumos.report(gated).kept_features)
+            print(f"| ResNet (BasicBlocks) | {share} | {seed} | {sorted({'u', 'v'} - kept) or '-'} | "
+                  f"{sorted(kept - {'u', 'v'}) or '-'} | loss {lumos.evaluate(gated, val)[0]:.4f} | "
+                  f"{lumos.kept_fraction(gated):.3f} | {lam.max:.1f} |", flush=True)
+        for task_name in TASKS:
+            for seed in SEEDS:
+                task = TASKS[task_name](seed)
+                torch.manual_seed(seed)
+                gated = lumos.gate(ResidualMLP(task.train[0].shape[1], task.train[1].shape[1]), task.train[0][:8],
+                                   share_gates=share)
+                lam = _MaxLam()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    lumos.fit(gated, task.train, task.val, target=TARGET, epochs=EPOCHS, lr=LR, batch_size=BATCH,
+                              seed=seed, progress=False, callbacks=[lam])
+                kept = set(kept_inputs(gated))
+                print(f"| residual MLP, {task_name} | {share} | {seed} | {sorted(set(task.relevant) - kept) or '-'} | "
+                      f"{sorted(kept - set(task.relevant)) or '-'} | "
+                      f"R2 {lumos.evaluate(gated, task.val, metric=task.metric)[1]:.4f} | "
+                      f"{lumos.kept_fraction(gated):.3f} | {lam.max:.1f} |", flush=True)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["schedules", "compare", "overhead", "superres"])
+    parser.add_argument("what", choices=["schedules", "compare", "overhead", "superres", "residual"])
     parser.add_argument("--epochs", type=int, default=None, help=f"schedules ({EPOCHS}), superres (40): epochs per run")
     parser.add_argument("--lr", type=float, default=LR, help="schedules: learning rate")
     parser.add_argument("--schedule", action="append", choices=list(SCHEDULES), help="schedules: only these")
@@ -436,6 +496,8 @@ def main(argv=None) -> None:
         schedules(args.epochs or EPOCHS, args.lr, args.schedule, seeds)
     elif args.what == "compare":
         compare(seeds)
+    elif args.what == "residual":
+        residual(args.seeds if args.seeds is not None else (0, 1, 2, 3))
     elif args.what == "superres":
         superres(args.seeds if args.seeds is not None else tuple(range(10)), args.epochs or 40,
                  args.arm or tuple(SUPERRES_ARMS))

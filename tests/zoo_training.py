@@ -97,3 +97,41 @@ def two_field_superres(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor,
     fine = F.avg_pool2d(torch.randn(n, 2, 2 * size + 6, 2 * size + 6, generator=g), 7, stride=1) * 3
     x = torch.cat([F.avg_pool2d(fine, 2), torch.randn(n, 1, size, size, generator=g)], 1)
     return x, fine.sum(1, keepdim=True).expand(-1, 3, -1, -1).contiguous()
+
+
+class ResidualMLP(nn.Module):
+    """Pre-activation residual MLP (He et al. 2016, identity mappings), the kind MD and CFD
+    surrogates use: ``Linear`` stem, ``blocks`` x ``[x + fc2(SiLU(fc1(SiLU(x))))]``, ReLU, head."""
+
+    def __init__(self, n_in: int, n_out: int, width: int = 64, blocks: int = 3):
+        super().__init__()
+        self.stem = nn.Linear(n_in, width)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"fc1": nn.Linear(width, width), "fc2": nn.Linear(width, width)})
+                                    for _ in range(blocks))
+        self.act = nn.SiLU()
+        self.head = nn.Linear(width, n_out)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block["fc2"](self.act(block["fc1"](self.act(h))))
+        return self.head(torch.relu(h))
+
+
+def field_resnet(channels: int = 16, blocks: int = 3) -> nn.Sequential:
+    """A one-resolution ResNet for field regression: 5x5 conv-BN-ReLU stem, ``blocks`` ResNet
+    BasicBlocks (``tests/zoo_architectures.py``), a 3x3 conv head to one field."""
+    from zoo_architectures import BasicBlock, ConvNormActivation
+
+    return nn.Sequential(ConvNormActivation(3, channels, 5), *[BasicBlock(channels, channels) for _ in range(blocks)],
+                         nn.Conv2d(channels, 1, 3, padding=1))
+
+
+def field_product(n: int, seed: int, size: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)``: smooth fields ``u``, ``v`` (Gaussian noise smoothed by a 5-point box, scaled by
+    2.5) and a noise channel; the target, ``u v + u`` smoothed by a periodic 3-point box, needs both."""
+    g = torch.Generator().manual_seed(seed)
+    fields = F.avg_pool2d(torch.randn(n, 2, size + 4, size + 4, generator=g), 5, stride=1) * 2.5
+    u, v = fields[:, :1], fields[:, 1:]
+    y = F.avg_pool2d(F.pad(u * v + u, (1, 1, 1, 1), mode="circular"), 3, stride=1)
+    return torch.cat([u, v, torch.randn(n, 1, size, size, generator=g)], 1), y
