@@ -35,7 +35,8 @@ class Report:
 
     Attributes:
         features: one dict per input feature: ``name``, ``p_open``, ``kept``.
-        layers: one dict per layer with a width (linear, conv...): ``name``, ``width_before``, ``width_after``, ``gated``.
+        layers: one dict per layer with a width (linear, conv...): ``name``, ``width_before``, ``width_after``,
+            ``gated``, ``gate_of`` (the layer whose output gate it shares, :func:`lumos.gate`'s ``share_gates``, or None).
         params_before, params_after: parameters of the dense model and of the compacted one
             (predicted from the channel plan, without building it).
         flops_before, flops_after: FLOPs per input row of the linear, convolution and attention
@@ -84,7 +85,8 @@ class Report:
         else:
             lines.append("No feature gate.")
         lines += ["", "## Layer widths", "", "| layer | before | after | gated |", "|---|---:|---:|:---:|"]
-        lines += [f"| {l['name']} | {l['width_before']} | {l['width_after']} | {'yes' if l['gated'] else 'no'} |"
+        lines += [f"| {l['name']} | {l['width_before']} | {l['width_after']} | "
+                  f"{('yes, the gate of ' + l['gate_of']) if l.get('gate_of') else 'yes' if l['gated'] else 'no'} |"
                   for l in self.layers]
         lines += ["", "## Size", "", "| | before | after | kept |", "|---|---:|---:|---:|",
                   f"| parameters | {self.params_before:,} | {self.params_after:,} | "
@@ -145,6 +147,7 @@ def report(gated: nn.Module, example_inputs=None, *, leaf_modules=None) -> Repor
     check_gates(gated, "lumos.report")
     plan, records = plan_model(gated, inputs, leaf_modules=leaf_modules, who="lumos.report")
     out = Report(skipped=dict(getattr(gated, "skipped", {})))
+    shared = getattr(gated, "shared_gates", {})
     for node in plan.gm.graph.nodes:
         module = plan.module(node) if node.op == "call_module" else None
         record = records[node]
@@ -158,7 +161,7 @@ def report(gated: nn.Module, example_inputs=None, *, leaf_modules=None) -> Repor
                 else (plan.space_of[node].size, plan.width(node))
             gated_layer = any(isinstance(m, HardConcreteGate) for m in module.modules())
             out.layers.append({"name": node.target, "width_before": before, "width_after": after,
-                               "gated": gated_layer})
+                               "gated": gated_layer, "gate_of": shared.get(node.target)})
     out.params_before = count_params(gated)
     counted = set()  # a module or attribute used twice holds its parameters once
     for node in plan.gm.graph.nodes:

@@ -49,6 +49,9 @@ def test_residual_producers_share_the_stream_gate():
     stream = gated.model.head[0].out_gate
     for name in RESIDUAL_PRODUCERS:
         assert gated.model.get_submodule(name).out_gate is stream
+    gate_of = {row["name"]: row["gate_of"] for row in lumos.report(gated).layers}
+    assert gate_of == {"head.0": None, "blocks.0.body.0": None, "blocks.1.body.0": None, "upsample.0": None,
+                       "tail": None, **{name: "head.0" for name in RESIDUAL_PRODUCERS}}
     names = [name for name, _ in lumos.gates_of(gated)]
     assert names == ["model.head.0.out_gate", "model.blocks.0.body.0.out_gate", "model.blocks.1.body.0.out_gate",
                      "model.upsample.0.out_gate", "feature_gate.gate"]
