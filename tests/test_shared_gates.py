@@ -5,8 +5,8 @@ Checked: which layers share; that the gated model still equals the user's model 
 the L0 penalty's gradient reaches the shared gate with the channel's whole cost (with a gate per
 layer it is about 0, so the stream could not shrink); that closing a shared channel removes it
 from every producer and the compacted model stays exact on other batch and image sizes; that
-the budget lock's scales fold into every user of a shared gate; that a state_dict round-trips;
-and that ``lumos.fit`` on an SRResNet keeps both needed inputs on three seeds (with a gate per
+the budget lock's scales fold into every user of a shared gate; that a state_dict round-trips
+and an interrupted ``lumos.fit`` resumes to the bit; and that ``lumos.fit`` on an SRResNet keeps both needed inputs on three seeds (with a gate per
 layer the same runs end as constant models).
 """
 import pytest
@@ -172,3 +172,25 @@ def test_srresnet_training_keeps_both_needed_inputs(seed):
     assert abs(lumos.kept_fraction(gated) - 0.3) <= 0.02 and history.target_met
     assert lumos.evaluate(gated, val)[0] < 0.1
     assert_compacts_exactly(gated, ((3, 3, 8, 8), (2, 3, 12, 10)))
+
+
+def test_an_interrupted_run_with_shared_gates_resumes_exactly(tmp_path):
+    """fit stopped after step 200 (past the lock) and run again from its checkpoint ends with the
+    uninterrupted run's weights to the bit, the stream's gate still shared."""
+    from test_train_checkpoint import Interrupt, StopAt
+
+    def run(checkpoint=None, stop=None):
+        x, y = two_field_superres(128, 0, size=8)
+        torch.manual_seed(0)
+        gated = lumos.gate(SRResNet(8, 2), x[:8], feature_names=["u", "v", "noise"], feature_dim=1)
+        lumos.fit(gated, (x, y), target=0.3, epochs=40, lr=2e-3, batch_size=16, seed=0, progress=False,
+                  checkpoint=checkpoint, checkpoint_every=7 if checkpoint else None, callbacks=[StopAt(stop)])
+        return gated
+
+    reference = run()
+    with pytest.raises(Interrupt):
+        run(tmp_path / "run.pt", stop=200)
+    resumed = run(tmp_path / "run.pt")
+    assert resumed.model.blocks[0].body[3].out_gate is resumed.model.head[0].out_gate
+    want, got = reference.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
