@@ -158,9 +158,9 @@ def _choose_layers(model: nn.Module, example_inputs: tuple, feature_dim: int,
 
 def _same_channels(plan, chosen: list[str]) -> list[list[str]]:
     """Lists of ``chosen`` layers whose outputs are the same channels, index by index: the
-    producers a residual add sums into one stream. Such a channel goes only when every producer's gate closes it, so with a gate each, the
-    expected cost ``1 - prod(1 - p)`` hardly moves with any one of them and the L0 penalty
-    cannot shrink the stream; :func:`gate` gives them one gate."""
+    producers a residual add sums into one stream. Such a channel goes only when every producer's
+    gate closes it, so with a gate each, the expected cost ``1 - prod(1 - p)`` hardly moves with
+    any one of them and the L0 penalty cannot shrink the stream; :func:`gate` gives them one gate."""
     groups = plan.group_index()
     by_channels: dict[tuple, list[str]] = {}
     nodes = {n.target: n for n in plan.gm.graph.nodes if n.op == "call_module"}
@@ -220,7 +220,8 @@ class _Plain(GatedModel):
 @torch.inference_mode(False)  # called in an inference_mode block, the gated model must still train outside one
 def gate(model: nn.Module, example_inputs, *, features: bool = True,
          feature_names: Sequence[str] | None = None, feature_dim: int = -1,
-         leaf_modules: Iterable = (), mask_seed: int = 0, share_gates: bool = True, **gate_kwargs) -> GatedModel:
+         leaf_modules: Iterable = (), mask_seed: int = 0, share_gates: bool = True,
+         **gate_kwargs) -> GatedModel:
     """A gated copy of ``model``: L0 gates on the widths of its layers and on its input features.
 
     Every supported layer (``GATED_LAYERS``: ``nn.Linear`` -> :class:`lumos.nn.GatedLinear`...)

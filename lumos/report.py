@@ -35,8 +35,9 @@ class Report:
 
     Attributes:
         features: one dict per input feature: ``name``, ``p_open``, ``kept``.
-        layers: one dict per layer with a width (linear, conv...): ``name``, ``width_before``, ``width_after``,
-            ``gated``, ``gate_of`` (the layer whose output gate it shares, :func:`lumos.gate`'s ``share_gates``, or None).
+        layers: one dict per layer with a width (linear, conv...): ``name``, ``width_before``,
+            ``width_after``, ``gated``, ``gate_of`` (the layer whose output gate it shares,
+            :func:`lumos.gate`'s ``share_gates``, or None).
         params_before, params_after: parameters of the dense model and of the compacted one
             (predicted from the channel plan, without building it).
         flops_before, flops_after: FLOPs per input row of the linear, convolution and attention

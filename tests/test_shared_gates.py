@@ -1,13 +1,13 @@
 """Layers whose outputs are the same channels share one output gate (``lumos.gate``'s
 ``share_gates``): the producers a residual add sums into one stream (SRResNet, MobileNetV2).
 
-Checked: which layers share; that the gated model still equals the user's model at step 0; that
-the L0 penalty's gradient reaches the shared gate with the channel's whole cost (with a gate per
-layer it is about 0, so the stream could not shrink); that closing a shared channel removes it
-from every producer and the compacted model stays exact on other batch and image sizes; that
-the budget lock's scales fold into every user of a shared gate; that a state_dict round-trips
-and an interrupted ``lumos.fit`` resumes to the bit; and that ``lumos.fit`` on an SRResNet keeps both needed inputs on three seeds (with a gate per
-layer the same runs end as constant models).
+Checked: which layers share; that the gated model still equals the user's model at step 0; that the
+L0 penalty's gradient reaches the shared gate with the channel's whole cost (with a gate per layer
+it is about 0, so the stream could not shrink); that closing a shared channel removes it from every
+producer and the compacted model stays exact on other batch and image sizes; that the budget lock's
+scales fold into every user of a shared gate; that a state_dict round-trips and an interrupted
+``lumos.fit`` resumes to the bit; and that ``lumos.fit`` on an SRResNet keeps both needed inputs on
+three seeds (with a gate per layer the same runs end as constant models).
 """
 import pytest
 import torch
