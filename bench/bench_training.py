@@ -416,10 +416,8 @@ def superres(seeds=tuple(range(10)), epochs: int = 40, arms=tuple(SUPERRES_ARMS)
             torch.manual_seed(seed)
             gated = lumos.gate(SRResNet(16, 2), x[:8], feature_names=["u", "v", "noise"], feature_dim=1,
                                **gate_options)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a collapse is reported in the table
-                lumos.fit(gated, (x, y), val, target=0.3, epochs=epochs, lr=2e-3, batch_size=32, seed=seed,
-                          progress=False, controller_options=options)
+            _fit_quietly(gated, (x, y), val, target=0.3, epochs=epochs, lr=2e-3, batch_size=32, seed=seed,
+                         controller_options=options)
             kept = lumos.report(gated).kept_features
             good[name] = good.get(name, 0) + (set(kept) == {"u", "v"})
             print(f"| {name} | {seed} | {', '.join(kept) or 'none (constant)'} | "
@@ -435,6 +433,16 @@ class _MaxLam(lumos.Callback):
 
     def on_step_end(self, loop, task_loss) -> None:
         self.max = max(self.max, loop.controller.lam)
+
+
+def _fit_quietly(gated: nn.Module, train, val, **fit_options) -> float:
+    """``lumos.fit(gated, train, val, progress=False, **fit_options)`` with its warnings silenced
+    (a collapse or a kept distractor is what the table reports); returns the largest ``lam``."""
+    lam = _MaxLam()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lumos.fit(gated, train, val, progress=False, callbacks=[lam], **fit_options)
+    return lam.max
 
 
 def residual(seeds=(0, 1, 2, 3)) -> None:
@@ -454,31 +462,24 @@ def residual(seeds=(0, 1, 2, 3)) -> None:
             torch.manual_seed(seed)
             gated = lumos.gate(field_resnet(), x[:8], feature_names=["u", "v", "noise"], feature_dim=1,
                                share_gates=share)
-            lam = _MaxLam()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                lumos.fit(gated, (x, y), val, target=0.2, epochs=40, lr=2e-3, batch_size=32, seed=seed,
-                          progress=False, callbacks=[lam])
+            lam = _fit_quietly(gated, (x, y), val, target=0.2, epochs=40, lr=2e-3, batch_size=32, seed=seed)
             kept = set(lumos.report(gated).kept_features)
             print(f"| ResNet (BasicBlocks) | {share} | {seed} | {sorted({'u', 'v'} - kept) or '-'} | "
                   f"{sorted(kept - {'u', 'v'}) or '-'} | loss {lumos.evaluate(gated, val)[0]:.4f} | "
-                  f"{lumos.kept_fraction(gated):.3f} | {lam.max:.1f} |", flush=True)
+                  f"{lumos.kept_fraction(gated):.3f} | {lam:.1f} |", flush=True)
         for task_name in TASKS:
             for seed in SEEDS:
                 task = TASKS[task_name](seed)
                 torch.manual_seed(seed)
                 gated = lumos.gate(ResidualMLP(task.train[0].shape[1], task.train[1].shape[1]), task.train[0][:8],
                                    share_gates=share)
-                lam = _MaxLam()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    lumos.fit(gated, task.train, task.val, target=TARGET, epochs=EPOCHS, lr=LR, batch_size=BATCH,
-                              seed=seed, progress=False, callbacks=[lam])
+                lam = _fit_quietly(gated, task.train, task.val, target=TARGET, epochs=EPOCHS, lr=LR,
+                                   batch_size=BATCH, seed=seed)
                 kept = set(kept_inputs(gated))
                 print(f"| residual MLP, {task_name} | {share} | {seed} | {sorted(set(task.relevant) - kept) or '-'} | "
                       f"{sorted(kept - set(task.relevant)) or '-'} | "
                       f"R2 {lumos.evaluate(gated, task.val, metric=task.metric)[1]:.4f} | "
-                      f"{lumos.kept_fraction(gated):.3f} | {lam.max:.1f} |", flush=True)
+                      f"{lumos.kept_fraction(gated):.3f} | {lam:.1f} |", flush=True)
 
 
 def main(argv=None) -> None:
@@ -489,7 +490,7 @@ def main(argv=None) -> None:
     parser.add_argument("--schedule", action="append", choices=list(SCHEDULES), help="schedules: only these")
     parser.add_argument("--arm", action="append", choices=list(SUPERRES_ARMS), help="superres: only these")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help=f"schedules, compare ({' '.join(map(str, SEEDS))}), superres (0-9): the seeds")
+                        help=f"schedules, compare ({' '.join(map(str, SEEDS))}), superres (0-9), residual (0-3): the seeds")
     args = parser.parse_args(argv)
     seeds = args.seeds if args.seeds is not None else list(SEEDS)
     if args.what == "schedules":

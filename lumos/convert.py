@@ -180,8 +180,10 @@ def _share_output_gates(model: nn.Module, same_channels: list[list[str]]) -> dic
         layers = [(name, model.get_submodule(name)) for name in names]
         layers = [(name, layer) for name, layer in layers if isinstance(layer, OUTPUT_GATED)
                   and layer.out_gate is not None]
+        if not layers:
+            continue
+        owner, first = layers[0]
         for name, layer in layers[1:]:
-            owner, first = layers[0]
             if layer.out_gate.n == first.out_gate.n:
                 layer.out_gate = first.out_gate
                 shared[name] = owner

@@ -393,16 +393,16 @@ def fold_lock_scales_(model: nn.Module) -> None:
     folding = [module for module in model.modules() if callable(getattr(module, "fold_lock_scales_", None))
                and all(len(holders[id(p)]) == 1 for p in module.parameters(recurse=False))]
     # a gate several layers share (lumos.gate's share_gates): folded into each of them, or into none
-    users: dict[int, list[nn.Module]] = {}
+    users: dict[int, tuple[HardConcreteGate, list[nn.Module]]] = {}
     for module in model.modules():
         for gate in _layer_gates(module):
-            users.setdefault(id(gate), []).append(module)
-    scales = {key: layers[0] for key, layers in users.items() if len(layers) > 1}
-    scales = {key: next(g for g in _layer_gates(layer) if id(g) == key).lock_scale.clone()
-              for key, layer in scales.items() if all(m in folding for m in users[key])}
+            users.setdefault(id(gate), (gate, []))[1].append(module)
+    folds = {id(module) for module in folding}
+    kept = {key for key, (_, layers) in users.items() if any(id(m) not in folds for m in layers)}
+    scales = {key: gate.lock_scale.clone() for key, (gate, layers) in users.items() if len(layers) > 1}
     for module in folding:
         gates = _layer_gates(module)
-        if any(len(users[id(g)]) > 1 and id(g) not in scales for g in gates):
+        if any(id(g) in kept for g in gates):
             continue  # a user of this gate keeps its scale: so must every other
         for gate in gates:
             if id(gate) in scales:

@@ -86,9 +86,7 @@ class Report:
         else:
             lines.append("No feature gate.")
         lines += ["", "## Layer widths", "", "| layer | before | after | gated |", "|---|---:|---:|:---:|"]
-        lines += [f"| {l['name']} | {l['width_before']} | {l['width_after']} | "
-                  f"{('yes, the gate of ' + l['gate_of']) if l.get('gate_of') else 'yes' if l['gated'] else 'no'} |"
-                  for l in self.layers]
+        lines += [f"| {l['name']} | {l['width_before']} | {l['width_after']} | {_gated_cell(l)} |" for l in self.layers]
         lines += ["", "## Size", "", "| | before | after | kept |", "|---|---:|---:|---:|",
                   f"| parameters | {self.params_before:,} | {self.params_after:,} | "
                   f"{self.params_after / max(self.params_before, 1):.1%} |",
@@ -131,6 +129,13 @@ class Report:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+
+def _gated_cell(layer: dict) -> str:
+    """The "gated" column of a layer row: no, yes, or whose shared gate it uses."""
+    if layer.get("gate_of"):
+        return f"yes, the gate of {layer['gate_of']}"
+    return "yes" if layer["gated"] else "no"
 
 
 def report(gated: nn.Module, example_inputs=None, *, leaf_modules=None) -> Report:

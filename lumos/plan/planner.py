@@ -87,12 +87,12 @@ def shared_with(gm: fx.GraphModule) -> dict[str, str]:
     other module. A gate shared by several layers (:func:`lumos.gate`'s ``share_gates``) is not
     a tie: it scales the same channels wherever it is used."""
     owners = tensor_holders(gm)
+    gate_state = {id(t) for m in gm.modules() if isinstance(m, HardConcreteGate)
+                  for t in [*m.parameters(), *m.buffers()]}  # a shared gate (lumos.gate) ties no weight
     shared = {}
     for target in dict.fromkeys(n.target for n in gm.graph.nodes if n.op == "call_module"):  # graph order
         inside = lambda name: name == target or name.startswith(target + ".")  # noqa: E731
         module = gm.get_submodule(target)
-        gate_state = {id(t) for m in module.modules() if isinstance(m, HardConcreteGate)
-                      for t in [*m.parameters(), *m.buffers()]}  # a shared gate (lumos.gate) ties no weight
         for t in [*module.parameters(), *module.buffers()]:
             if id(t) in gate_state:
                 continue
