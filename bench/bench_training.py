@@ -9,8 +9,9 @@ Three measurements:
   controller's update and the gates' clamp). Two gated variants: ``gated-in-band`` is the
   annealing phase, the costliest step (gates in the stochastic band, the penalty acting with
   ``lam > 0``, the eval masks' fraction measured for the lock); ``gated-outside-band`` the
-  warm-up (gates open, ``lam = 0``). The figure is gated median / plain median (issue 10 asks
-  for at most 1.15x)::
+  warm-up (gates open, ``lam = 0``); ``plain-compiled`` and ``gated-in-band-compiled`` run
+  both forwards through ``torch.compile`` (``lumos.fit(compile=True)``). The figure is gated
+  median / plain median (issue 10 asks for at most 1.15x)::
 
       python -m pytest bench/bench_training.py --benchmark-enable --benchmark-only \\
           --benchmark-columns=median,iqr,min,rounds -q
@@ -144,7 +145,7 @@ def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     return loss.detach()
 
 
-def step_pair(in_band: bool = True, seed: int = 0):
+def step_pair(in_band: bool = True, seed: int = 0, compiled: bool = False):
     """``(plain step, gated step)`` closures on the surrogate MLP at batch ``TRAIN_BATCH``.
 
     ``in_band``: the annealing phase, the costliest: every gate inside the stochastic band (so
@@ -152,7 +153,8 @@ def step_pair(in_band: bool = True, seed: int = 0):
     model's size, so the penalty acts (``lam > 0``, checked once) and the cost's gradient is
     computed; the gates' learning rate is 0 so that they stay in the band however many steps
     are timed (Adam does the same work at any learning rate). Otherwise the warm-up: every gate
-    open, masks exactly 1, ``lam = 0``.
+    open, masks exactly 1, ``lam = 0``. ``compiled``: both forwards run through
+    ``torch.compile`` (as ``lumos.fit(compile=True)`` runs the gated one).
     """
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(TRAIN_BATCH, N_FEATURES, generator=generator)
@@ -172,7 +174,9 @@ def step_pair(in_band: bool = True, seed: int = 0):
         with torch.no_grad():
             for _, gate in lumos.gates_of(gated):
                 gate.log_alpha.uniform_(-1.0, 1.0)
-    gated_step = lambda: lumos.train_step(gated, (x,), y, gated_optimizer, controller=controller)  # noqa: E731
+    plain_forward, gated_forward = (torch.compile(dense), torch.compile(gated)) if compiled else (dense, None)
+    gated_step = lambda: lumos.train_step(gated, (x,), y, gated_optimizer, controller=controller,  # noqa: E731
+                                          forward=gated_forward)
     gated_step()
     if in_band:
         for name, gate in lumos.gates_of(gated):
@@ -180,7 +184,7 @@ def step_pair(in_band: bool = True, seed: int = 0):
             assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
         gated_step()
         assert controller.lam > 0, "the bench's annealing step must carry the penalty"
-    return (lambda: plain_step(dense, plain_optimizer, x, y)), gated_step
+    return (lambda: plain_step(plain_forward, plain_optimizer, x, y)), gated_step
 
 
 def floor_step(seed: int = 0):
@@ -254,12 +258,13 @@ def floor_step(seed: int = 0):
     return step
 
 
-@pytest.mark.parametrize("variant", ["plain", "gated-in-band", "gated-outside-band"])
+@pytest.mark.parametrize("variant", ["plain", "gated-in-band", "gated-outside-band", "plain-compiled",
+                                     "gated-in-band-compiled"])
 def test_train_step_overhead(benchmark, variant):
-    plain, gated = step_pair(in_band=variant != "gated-outside-band")
+    plain, gated = step_pair(in_band=not variant.startswith("gated-outside"), compiled=variant.endswith("compiled"))
     benchmark.group = f"train-step-batch-{TRAIN_BATCH}"
     benchmark.extra_info.update(variant=variant, batch=TRAIN_BATCH, **run_info(torch.zeros(1, N_FEATURES)))
-    measure(benchmark, plain if variant == "plain" else gated)
+    measure(benchmark, plain if variant.startswith("plain") else gated)
 
 
 def op_count(fn) -> int:
@@ -273,14 +278,17 @@ def op_count(fn) -> int:
 
 def overhead(rounds: int = 300) -> None:
     """Gated over plain step time, the steps timed in alternation (load on the machine hits all
-    alike); in the band also :func:`floor_step`, the least an eager implementation can cost."""
+    alike); in the band also :func:`floor_step`, the least an eager implementation can cost, and
+    both steps with their forwards through ``torch.compile`` (against the eager plain step too)."""
     print(f"batch {TRAIN_BATCH}, {torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.2f}, "
           f"{rounds} alternating rounds")
-    for in_band in (True, False):
-        plain, gated = step_pair(in_band)
+    for in_band, compiled in ((True, False), (False, False), (True, True)):
+        plain, gated = step_pair(in_band, compiled=compiled)
         steps = {"plain": plain, "gated": gated}
-        if in_band:
+        if in_band and not compiled:
             steps["floor"] = floor_step()
+        if compiled:
+            steps["eager plain"] = step_pair(in_band)[0]
         for _ in range(20):
             for fn in steps.values():
                 fn()
@@ -293,11 +301,14 @@ def overhead(rounds: int = 300) -> None:
                 cpu[name].append(time.process_time() - start_cpu)
         for label, times in (("wall", wall), ("CPU", cpu)):
             median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-            print(f"gates {'inside' if in_band else 'outside'} the band, {label} time: plain step "
+            print(f"gates {'inside' if in_band else 'outside'} the band"
+                  f"{', both forwards through torch.compile' if compiled else ''}, {label} time: plain step "
                   f"{1e3 * median['plain']:.3f} ms, gated step {1e3 * median['gated']:.3f} ms, "
                   f"ratio {median['gated'] / median['plain']:.3f}x"
                   + (f"; hand-written floor {1e3 * median['floor']:.3f} ms, ratio "
-                     f"{median['floor'] / median['plain']:.3f}x" if "floor" in median else ""), flush=True)
+                     f"{median['floor'] / median['plain']:.3f}x" if "floor" in median else "")
+                  + (f"; eager plain step {1e3 * median['eager plain']:.3f} ms, gated step / eager plain step "
+                     f"{median['gated'] / median['eager plain']:.3f}x" if "eager plain" in median else ""), flush=True)
         print("  aten ops per step: " + ", ".join(f"{name} {op_count(fn)}" for name, fn in steps.items()))
 
 

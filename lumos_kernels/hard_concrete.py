@@ -203,7 +203,6 @@ def _next_float32(value: float, up: bool) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
-@functools.lru_cache(maxsize=64)
 def log_alpha_bounds(t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA, gamma: float = GAMMA,
                      zeta: float = ZETA, dtype: torch.dtype = torch.float32) -> Tuple[float, float]:
     """``(closed_max, open_min)``: the thresholds on ``p_open`` as exact bounds on ``log_alpha``.
@@ -213,8 +212,17 @@ def log_alpha_bounds(t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA, 
     exactly when ``x >= open_min`` (``p_open`` evaluated without rounding; the boundaries
     ``logit(t) + beta * log(-gamma / zeta)`` are computed in float64). ``t_u = 1`` forces no
     gate open: ``open_min`` is NaN, which no comparison satisfies. Remembered per arguments
-    (every sampling call asks).
+    (every sampling call asks), except under ``torch.compile``, which traces the computation
+    (and warns about tracing through a cache).
     """
+    if torch.compiler.is_compiling():
+        return _log_alpha_bounds(t_l, t_u, beta, gamma, zeta, dtype)
+    return _remembered_bounds(t_l, t_u, beta, gamma, zeta, dtype)
+
+
+def _log_alpha_bounds(t_l: float, t_u: float, beta: float, gamma: float, zeta: float,
+                      dtype: torch.dtype) -> Tuple[float, float]:
+    """:func:`log_alpha_bounds`, computed."""
     shift = beta * math.log(-gamma / zeta)  # p_open = sigmoid(log_alpha - shift)
 
     def logit(t):
@@ -223,6 +231,9 @@ def log_alpha_bounds(t_l: float = T_LOW, t_u: float = T_UP, beta: float = BETA, 
     closed_max = nearest_on_side(shift + logit(t_l), dtype, above=False)
     open_min = math.nan if t_u >= 1 else nearest_on_side(shift + logit(t_u), dtype, above=True)
     return closed_max, open_min
+
+
+_remembered_bounds = functools.lru_cache(maxsize=64)(_log_alpha_bounds)
 
 
 def _gate_z(work, key, offset, training, beta, gamma, zeta, noise_range, uniform=None, low=0.0, high=1.0):
