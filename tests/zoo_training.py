@@ -135,3 +135,32 @@ def field_product(n: int, seed: int, size: int = 12) -> tuple[torch.Tensor, torc
     u, v = fields[:, :1], fields[:, 1:]
     y = F.avg_pool2d(F.pad(u * v + u, (1, 1, 1, 1), mode="circular"), 3, stride=1)
     return torch.cat([u, v, torch.randn(n, 1, size, size, generator=g)], 1), y
+
+
+class SequenceRegressor(nn.Module):
+    """A per-position sequence regressor as a user writes one: a linear embedding, an
+    ``nn.TransformerEncoder`` (pre-norm, GELU, batch first), one ``nn.ReLU(inplace=True)`` used
+    twice around a linear layer, a linear head. Input ``(B, T, n_inputs)``, output ``(B, T)``."""
+
+    def __init__(self, n_inputs: int = 6, d_model: int = 32, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Linear(n_inputs, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=2 * d_model, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+        self.act = nn.ReLU(inplace=True)
+        self.mid = nn.Linear(d_model, d_model)
+        self.head = nn.Linear(d_model, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(self.embed(x))
+        return self.head(self.act(self.mid(self.act(h)))).squeeze(-1)
+
+
+def sequence_product(n: int, seed: int, length: int = 12, n_inputs: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)``: ``n`` sequences of ``n_inputs`` standard normal inputs; the target at each
+    position is ``x0 x1`` there plus the sequence's mean of ``x0`` (attention needed). Inputs 2..
+    are distractors."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, length, n_inputs, generator=g)
+    return x, x[..., 0] * x[..., 1] + x[..., 0].mean(1, keepdim=True)
