@@ -2,9 +2,11 @@
 loop built from :func:`train_step` that any user can replace by their own loop."""
 from .budget import BudgetController
 from .data import TensorData, as_data
-from .loop import Callback, FitLoop, History, evaluate, fit, train_step
+from .fit_loop import Callback, FitLoop, History
+from .loop import fit
 from .noise import NoiseRangeSchedule
 from .penalty import GATE_LR_SCALE, kept_fraction, min_fraction, param_groups, penalty
+from .step import evaluate, train_step
 
 __all__ = [
     "BudgetController", "Callback", "FitLoop", "GATE_LR_SCALE", "History", "NoiseRangeSchedule", "TensorData",
