@@ -1,7 +1,8 @@
 """Small models built around one channel-linking op each (written for the compaction op tests,
 from the blocks' descriptions: ResNet, MobileNetV2, ShuffleNetV2, squeeze-excite, ConvNeXt,
-post-norm Transformer). Each ``OPS`` entry: ``(factory, example input, other input)`` where the
-other input has another batch size and, where the model allows it, another spatial size."""
+post-norm Transformer, a hybrid CNN-transformer's fold of tokens back into an image). Each
+``OPS`` entry: ``(factory, example input, other input)`` where the other input has another
+batch size and, where the model allows it, another spatial size."""
 from __future__ import annotations
 
 import torch
@@ -191,6 +192,23 @@ class Reshapes(nn.Module):
         return self.fc(flat) + self.fc2(g.transpose(1, 2)).mean(1)
 
 
+class TokensToImage(nn.Module):
+    """A hybrid CNN-transformer step: conv features flattened to tokens, a per-token linear layer,
+    and the tokens folded back into an image whose spatial shape is read from another tensor (a
+    slice of the input's channels, which compaction keeps whole)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.proj = nn.Linear(8, 6)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        like = x.narrow(1, 0, 2)
+        tokens = self.proj(torch.relu(self.conv(x)).flatten(2).transpose(1, 2))
+        return self.head(tokens.transpose(1, 2).reshape(x.shape[0], -1, like.shape[2], like.shape[3]))
+
+
 def _norm_stats(model: nn.Module) -> nn.Module:
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -217,6 +235,7 @@ OPS = {
     "post_norm_stream": (PostNormStream, (2, 5, 6), (3, 7, 6)),
     "group_norm_one": (GroupNormOne, (2, 3, 8, 8), (3, 3, 6, 9)),
     "reshapes": (Reshapes, (2, 4, 8), (3, 4, 8)),
+    "tokens_to_image": (TokensToImage, (2, 3, 8, 8), (3, 3, 6, 10)),
 }
 
 

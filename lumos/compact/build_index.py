@@ -111,10 +111,11 @@ def build_concat(node: fx.Node, record: Concat, b: Builder) -> None:
 
 
 def build_shape_read(node: fx.Node, record: ShapeRead, b: Builder) -> None:
-    """``x.size(d)`` of the channel dim is the original channel count (a number); others copied."""
+    """``x.size(d)`` of a channel dim that compaction shrinks is the original channel count (a
+    number); others copied."""
     x = input_of(node)
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if not record.whole_shape and isinstance(dim, int) and dim % len(node_shape(x)) == record.channel_dim:
+    if not record.whole_shape and isinstance(dim, int) and _shrunk_dim(x, dim, record.channel_dim, b):
         b.env[node] = node_shape(x)[record.channel_dim]
         return
     b.copy(node)
@@ -124,8 +125,18 @@ def build_shape_item(node: fx.Node, record: ShapeItem, b: Builder) -> None:
     source = node.args[0]
     x = input_of(source)
     index = node.args[1]
-    if record.channel_dim is not None and isinstance(index, int) and \
-            index % len(node_shape(x)) == record.channel_dim:
+    if isinstance(index, int) and _shrunk_dim(x, index, record.channel_dim, b):
         b.env[node] = node_shape(x)[record.channel_dim]
         return
     b.copy(node)
+
+
+def _shrunk_dim(x: fx.Node, dim: int, channel_dim: int | None, b: Builder) -> bool:
+    """Whether ``dim`` of ``x`` is its channel dim and compaction removes some of those channels:
+    only then is a read of its size replaced by the original number. A dim whose channels are
+    all kept reads its size as the user's model does: the space of an op kept whole sits on its
+    last dim, which may be a spatial or sequence size that changes with the input."""
+    if channel_dim is None or dim % len(node_shape(x)) != channel_dim:
+        return False
+    space = b.plan.space_of.get(x)
+    return space is None or space.dim != channel_dim or not bool(b.plan.kept_mask(space).all())
