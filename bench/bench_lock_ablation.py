@@ -68,12 +68,13 @@ def sample_losses(model: torch.nn.Module, work: workloads.Workload) -> torch.Ten
 @torch.no_grad()
 def ablate_inputs(gated: torch.nn.Module, work: workloads.Workload, lam: float, relative: bool) -> list[dict]:
     """One row per kept input: its name, ``dL/L``, ``z`` and ``objective`` (module docstring)."""
-    gate = next(m for m in gated.modules() if isinstance(m, lumos.nn.FeatureGate)).gate
+    gate = gated.feature_gate.gate
     open_losses, fraction = sample_losses(gated, work), lumos.kept_fraction(gated)
     loss = float(open_losses.mean())
+    kept = gate.kept().tolist()
     rows = []
     for j, name in enumerate(work.feature_names):
-        if not bool(gate.kept()[j]):
+        if not kept[j]:
             continue
         saved_logit = gate.log_alpha[j].clone()
         gate.log_alpha[j] = LOG_ALPHA_MIN

@@ -37,8 +37,7 @@ class InputLogitsAtLock(lumos.Callback):
     def on_step_end(self, loop, task_loss) -> None:
         loop.controller.lam  # noqa: B018 -- reading lam also reads whether the lock happened
         if not loop.controller.locked:
-            gate = next(m for m in loop.model.modules() if isinstance(m, lumos.nn.FeatureGate)).gate
-            self.logits = gate.log_alpha.detach().clone()
+            self.logits = loop.model.feature_gate.gate.log_alpha.detach().clone()
 
 
 def compaction_error(gated: torch.nn.Module, compact: torch.nn.Module) -> float:

@@ -138,5 +138,4 @@ def _shrunk_dim(x: fx.Node, dim: int, channel_dim: int | None, b: Builder) -> bo
     last dim, which may be a spatial or sequence size that changes with the input."""
     if channel_dim is None or dim % len(node_shape(x)) != channel_dim:
         return False
-    space = b.plan.space_of.get(x)
-    return space is None or space.dim != channel_dim or not bool(b.plan.kept_mask(space).all())
+    return not bool(b.plan.kept_mask(b.plan.space_of[x]).all())  # the space the read's record names
