@@ -14,8 +14,8 @@ from .convert import gate
 from .gates import GateSampler, HardConcreteGate, clamp_gates_, gates_of, step_gates_
 from .model import GatedModel
 from .report import Report, report
-from .train import (BudgetController, Callback, History, NoiseRangeSchedule, evaluate, fit, kept_fraction,
-                    min_fraction, param_groups, penalty, train_step)
+from .train import (BudgetController, Callback, History, NoiseRangeSchedule, drop_unneeded_inputs_, evaluate, fit,
+                    kept_fraction, min_fraction, param_groups, penalty, train_step)
 
 __all__ = [
     "BudgetController",
@@ -30,6 +30,7 @@ __all__ = [
     "TraceError",
     "clamp_gates_",
     "compact",
+    "drop_unneeded_inputs_",
     "evaluate",
     "fit",
     "gate",

@@ -42,14 +42,16 @@ def train(model: nn.Module, work: Workload, epochs: int, *, name: str, seed: int
     batch size, selecting the best epoch on ``work.val`` (within budget, with a ``target``).
 
     ``fit_options``: more :func:`lumos.fit` arguments (``checkpoint``, ``checkpoint_every``,
-    ``precision``, ``compile``, ``distributed``); graph workloads, which do not train through
-    ``lumos.fit``, refuse those that are set.
+    ``precision``, ``compile``, ``distributed``, ``test_inputs``); graph workloads, which do not
+    train through ``lumos.fit``, refuse those that are set (but ``test_inputs``).
     """
     settings = dict(loss_fn=work.loss_fn, metric=work.metric, epochs=epochs, lr=work.fit_defaults["lr"],
                     batch_size=work.fit_defaults["batch_size"], seed=seed, progress=progress, description=name)
     if target is not None:
         settings.update(target=target, cost=cost)
-    options = {k: v for k, v in (fit_options or {}).items() if v not in (None, False, "fp32")}
+    options = dict(fit_options or {})
+    settings["test_inputs"] = options.pop("test_inputs", True)
+    options = {k: v for k, v in options.items() if v not in (None, False, "fp32")}
     start = time.perf_counter()
     if _tensor_pairs(work):
         history = fit(model, work.train, work.val, **settings, **options)
@@ -68,7 +70,7 @@ def evaluate_split(model: nn.Module, work: Workload, split: str = "test") -> flo
 
 def _fit_graph_batches(model: nn.Module, train, val, *, loss_fn, metric, epochs: int, lr: float, seed: int,
                        target: float | None = None, cost: str = "params", progress: bool = False,
-                       description: str = "", batch_size: int = 0) -> History:
+                       description: str = "", batch_size: int = 0, test_inputs: bool = True) -> History:
     """``lumos.fit(model, train, val, ...)`` for re-iterables of graph batches (see the module docstring)."""
     from tqdm.auto import tqdm
 
@@ -84,8 +86,11 @@ def _fit_graph_batches(model: nn.Module, train, val, *, loss_fn, metric, epochs:
     loop = FitLoop(model, torch.optim.Adam(param_groups(model, lr)), loss_fn, controller=controller, lam=0.0,
                    cost=cost, tolerance=TOLERANCE)
     loop.forward, loop.eval_forward = forward_modules(model, loop.device)
+    val_data = LoaderData(val, "lumos.evaluation.train", "val", dtype)
     for _ in tqdm(range(epochs), desc=description, disable=not progress, leave=True):
         row = loop.run_epoch(train_data, batch_size)
+        if test_inputs:
+            loop.test_inputs_at_lock(val_data, row)
         row["val_loss"], row["val_metric"] = evaluate(loop.eval_forward, val, loss_fn, metric)
         loop.end_epoch(row, row["val_loss"], None)
     return loop.finish(restore_best=True)

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from ..collapse import closed_gates, constant_message, predicts_constant
-from ..gates import gates_of, model_sampler
+from ..gates import LOG_ALPHA_MIN, gates_of, model_sampler
 from . import distributed as ddp
 from .budget import BudgetController
 from .checkpoint import model_fingerprint, rng_states, save_atomic, set_rng_states, FORMAT, VERSION
 from .data import LoaderData, TensorData
+from .input_test import drop_unneeded_inputs_, feature_gate_of
 from .penalty import check_finite_gates, kept_fraction, param_groups
 from .step import _model_device, _to, train_step
 
@@ -29,14 +30,17 @@ from .step import _model_device, _to, train_step
 class History:
     """What :func:`fit` saw, one dict per epoch (``epoch, train_loss, val_loss, val_metric,
     kept_fraction, lam, seconds``), the epoch whose weights were restored (None if none was),
-    with a ``target`` whether the run ended within ``tolerance`` of it, and, for a run resumed
-    from a checkpoint, ``resumed_from`` (``path``, ``epoch``, ``step``)."""
+    with a ``target`` whether the run ended within ``tolerance`` of it, the inputs the test at
+    the lock closed (``inputs_dropped``: one dict per input, ``name``, ``index``, ``rise``, ``z``;
+    None before the test or without one, see :func:`lumos.train.input_test.drop_unneeded_inputs_`)
+    and, for a run resumed from a checkpoint, ``resumed_from`` (``path``, ``epoch``, ``step``)."""
 
     epochs: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
     stopped_early: bool = False
     target_met: bool | None = None
     resumed_from: dict | None = None
+    inputs_dropped: list[dict] | None = None
 
     def column(self, key: str) -> list:
         return [row.get(key) for row in self.epochs]
@@ -250,6 +254,27 @@ class FitLoop:
                               "allow_constant=True): train with a larger `target` or a smaller `lam`, cap the "
                               "penalty's loss scale (controller_options={'loss_cap': True}), or resume an "
                               "earlier checkpoint", RuntimeWarning, stacklevel=3)
+
+    def test_inputs_at_lock(self, data: TensorData | LoaderData, row: dict) -> None:
+        """Once, at the end of the first epoch in which the gates are locked: close the kept
+        inputs the model does not use (:func:`lumos.train.input_test.drop_unneeded_inputs_` on
+        ``data``; in a data-parallel run rank 0 decides), record them in ``row`` and the history
+        and forget the best weights of earlier epochs, which had those inputs."""
+        if (self.history.inputs_dropped is not None or self.controller is None or not self.controller.locked
+                or feature_gate_of(self.model) is None):
+            return
+        main = self.ranks is None or self.ranks.main
+        dropped = drop_unneeded_inputs_(self.model, data, self.loss_fn) if main else None
+        if self.ranks is not None:
+            dropped = ddp.broadcast_object(dropped, self.ranks)
+            logits = feature_gate_of(self.model).gate.log_alpha
+            for item in dropped:
+                logits.data[item["index"]] = LOG_ALPHA_MIN
+        self.history.inputs_dropped = dropped
+        row["inputs_dropped"] = [item["name"] for item in dropped]
+        if dropped:
+            self.best_score, self.best_epoch, self.best_state, self.bad_epochs = math.inf, None, None, 0
+            row["kept_fraction"] = kept_fraction(self.model, self.cost)
 
     def end_epoch(self, row: dict, score: float, patience: int | None) -> bool:
         """Record the epoch, keep the best weights within budget; True when patience runs out."""

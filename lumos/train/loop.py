@@ -44,7 +44,7 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
         restore_best: bool | None = None, callbacks: Iterable[Callback] = (), progress: bool = True,
         seed: int | None = None, controller_options: dict | None = None, checkpoint=None,
         checkpoint_every: int | None = None, precision: str = "fp32", compile: bool = False,
-        distributed: bool | None = None, description: str = "lumos.fit") -> History:
+        distributed: bool | None = None, test_inputs: bool = True, description: str = "lumos.fit") -> History:
     """Train ``model`` on ``train``, with the L0 penalty when it has gates; returns a :class:`History`.
 
     Args:
@@ -102,6 +102,10 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
             checkpoints written by rank 0); None (default): so when a process group of more
             than one process is initialised or torchrun started more than one; False: never.
             See :mod:`lumos.train.distributed`.
+        test_inputs: with a ``target`` and an input feature gate, at the end of the epoch in which
+            the gates lock, close each kept input whose shuffling across rows of ``val`` (else
+            ``train``) does not raise the loss by 2 standard errors: the gates can keep an input
+            that carries nothing (:mod:`lumos.train.input_test`; ``History.inputs_dropped``).
 
     Raises:
         FloatingPointError: a loss, gradient or weight became NaN or inf; the message names the
@@ -121,6 +125,8 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
         _check_positive_int(checkpoint_every, "checkpoint_every")
         if checkpoint is None:
             raise ValueError(f"{who}: `checkpoint_every` needs a `checkpoint` path to write to")
+    if not isinstance(test_inputs, bool):
+        raise TypeError(f"{who}: `test_inputs` must be True or False, got {test_inputs!r}")
     if scheduler_interval not in ("epoch", "step"):
         raise ValueError(f"{who}: `scheduler_interval` must be 'epoch' or 'step', got {scheduler_interval!r}")
     check_cost(cost, who)
@@ -177,7 +183,9 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
                              else None, optimizer=optimizer, target=target, cost=cost, lam=lam, seed=seed,
                              loss_fn=loss_fn, precision=precision, controller=controller,
                              controller_options=controller_options, noise_schedule=noise_schedule,
-                             scheduler=scheduler, scheduler_interval=scheduler_interval, ranks=ranks)
+                             scheduler=scheduler, scheduler_interval=scheduler_interval, ranks=ranks,
+                             # only when off: checkpoints written before the test existed still resume
+                             **({} if test_inputs else {"test_inputs": False}))
         store = CheckpointFile(checkpoint, checkpoint_every, settings, who)
     loop = FitLoop(model, optimizer, loss_fn, controller=controller, lam=lam, cost=cost, tolerance=tolerance,
                    callbacks=callbacks, scheduler=scheduler, scheduler_interval=scheduler_interval,
@@ -197,6 +205,8 @@ def fit(model: nn.Module, train, val=None, *, loss_fn: Callable = nn.functional.
         if noise_schedule is not None:
             noise_schedule.apply(model, loop.epoch)
         row = loop.run_epoch(train_data, batch_size)
+        if test_inputs:
+            loop.test_inputs_at_lock(val_data if val_data is not None else train_data, row)
         score = row["train_loss"]
         if val_data is not None:
             row["val_loss"], row["val_metric"] = evaluate(loop.eval_forward, val_data, loss_fn, metric, ranks=ranks)

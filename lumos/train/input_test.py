@@ -1,0 +1,176 @@
+"""Which kept inputs does the model need? A permutation test of each input the gates kept.
+
+The L0 gates can keep an input that carries no information: when closing it (feeding zeros) would
+shift what the following layers compute, its task gradient holds its gate open (README, "What an
+input gate can miss"). Closing is the wrong question; the right one is whether the model uses
+the input's *values*. Shuffling an input across the rows of the data (permutation importance,
+Breiman 2001) keeps its distribution and removes what it says about each row: the loss rises for
+an input the model needs and stays put, within noise, for one it does not. At the lock, with the
+architecture fixed, :func:`drop_unneeded_inputs_` closes the kept inputs whose shuffling does not
+raise the loss by :data:`Z_KEEP` standard errors, one at a time (the least needed first, the others
+tested again without it, so two copies of one input are not both closed), and the training after
+the lock adapts the model to their absence. :func:`lumos.fit` runs it on its validation data.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..gates import LOG_ALPHA_MIN
+from ..nn.feature_gate import FeatureGate
+from .data import LoaderData, TensorData, as_data
+from .step import _model_device, _model_dtype, _to
+
+# An input is kept when shuffling it raises the loss by at least this many standard errors (a
+# one-sided test at about 2%): an input whose use the data cannot resolve from noise is dropped.
+Z_KEEP = 2.0
+PERMUTATIONS = 3  # shufflings per input, averaged: the test does not hinge on one pairing of rows
+CHUNKS = 32  # each batch's rows are split into this many groups; the standard error is over groups
+MAX_ROWS = 8192  # rows of ``data`` the test reads at most
+BATCH_ROWS = 1024  # rows per forward pass (and per shuffling: rows are exchanged within a batch)
+
+
+def feature_gate_of(model: nn.Module) -> FeatureGate | None:
+    """The model's input :class:`lumos.nn.FeatureGate` (None without one)."""
+    return next((m for m in model.modules() if isinstance(m, FeatureGate)), None)
+
+
+@torch.no_grad()
+def permutation_test(model: nn.Module, data, loss_fn: Callable = nn.functional.mse_loss,
+                     features: list[int] | None = None, *, seed: int = 0) -> dict[int, dict]:
+    """The rise of ``loss_fn`` when each input feature is shuffled across rows, ``model`` in eval mode.
+
+    Args:
+        model: a model holding a :class:`lumos.nn.FeatureGate` (a :class:`lumos.GatedModel`).
+        data: ``(inputs, target)`` tensors or a re-iterable of such batches, as :func:`lumos.fit`
+            takes (or its :class:`lumos.train.TensorData` / ``LoaderData``); at most
+            :data:`MAX_ROWS` rows are read, :data:`BATCH_ROWS` at a time. Rows are exchanged within
+            a batch along dim 0 of the gated input (the samples, or a graph batch's nodes).
+        loss_fn: mean loss ``loss_fn(pred, target)`` (default MSE).
+        features: indices of the features to test (default: those the gate keeps).
+        seed: seed of the shufflings (the test is a pure function of model, data and seed).
+
+    Returns:
+        ``{feature: {"rise": relative rise of the loss, "z": that rise over its standard error}}``;
+        ``z`` is 0 where the rise is exactly 0 (a constant input).
+    """
+    who = "lumos.train.input_test.permutation_test"
+    gate = _feature_gate(model, who)
+    data = _as_test_data(data, model, who)
+    if features is None:
+        features = [j for j, keep in enumerate(gate.gate.kept().tolist()) if keep]
+    generator = torch.Generator().manual_seed(seed)
+    device = _model_device(model)
+    shuffled: dict = {}
+    handle = gate.register_forward_pre_hook(lambda module, args: _shuffle_hook(module, args, shuffled))
+    was_training = model.training
+    model.eval()
+    base_parts, diffs = [], {j: [] for j in features}
+    try:
+        for inputs, target in _batches(data):
+            inputs, target = _to(inputs, device), target.to(device)
+            base = _chunk_losses(model(*inputs), target, loss_fn)
+            base_parts.append(base)
+            for j in features:
+                rises = []
+                for _ in range(PERMUTATIONS):
+                    shuffled["feature"], shuffled["generator"] = j, generator
+                    rises.append(_chunk_losses(model(*inputs), target, loss_fn) - base)
+                    shuffled.clear()
+                diffs[j].append(torch.stack(rises).mean(0))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not base_parts:
+        raise ValueError("lumos.train.input_test.permutation_test: `data` gave no batch of 2 rows or more")
+    loss = float(torch.cat(base_parts).mean())
+    result = {}
+    for j in features:
+        diff = torch.cat(diffs[j])
+        mean, spread = float(diff.mean()), float(diff.std()) if diff.numel() > 1 else 0.0
+        z = mean / (spread / math.sqrt(diff.numel())) if spread > 0 else math.copysign(math.inf, mean) if mean else 0.0
+        result[j] = {"rise": mean / loss if loss > 0 else mean, "z": z}
+    return result
+
+
+@torch.no_grad()
+def drop_unneeded_inputs_(model: nn.Module, data, loss_fn: Callable = nn.functional.mse_loss,
+                          z_keep: float = Z_KEEP) -> list[dict]:
+    """Close, one at a time, each kept input whose shuffling raises ``loss_fn`` on ``data`` by
+    less than ``z_keep`` standard errors (the lowest first, then test the rest again); the last
+    kept input is never closed. A closed input's gate logit is pinned at its lower bound, as the
+    budget lock pins a unit. Returns one dict per input closed, in order: ``name``, ``index``
+    (its position on the gated dim), ``rise`` (relative), ``z``. See :func:`permutation_test` for ``data``.
+
+    :func:`lumos.fit` calls it once, at the end of the epoch in which the gates lock; in your own
+    loop, call it once at the end of the epoch in which ``controller.locked`` turns True, on
+    held-out data (the training after the lock then adapts the model to the closed inputs).
+    Training rows also work, but a model that memorised an input's noise there keeps it."""
+    gate = _feature_gate(model, "lumos.drop_unneeded_inputs_")
+    data = _as_test_data(data, model, "lumos.drop_unneeded_inputs_")
+    dropped = []
+    while True:
+        kept = [j for j, keep in enumerate(gate.gate.kept().tolist()) if keep]
+        if len(kept) < 2:
+            return dropped
+        results = permutation_test(model, data, loss_fn, kept)
+        worst = min(kept, key=lambda j: results[j]["z"])
+        if results[worst]["z"] >= z_keep:
+            return dropped
+        gate.gate.log_alpha[worst] = LOG_ALPHA_MIN
+        dropped.append({"name": gate.feature_names[worst], "index": worst, **results[worst]})
+
+
+def _feature_gate(model: nn.Module, who: str) -> FeatureGate:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{who}: `model` must be an nn.Module, got {type(model).__name__}")
+    gate = feature_gate_of(model)
+    if gate is None:
+        raise ValueError(f"{who}: `model` has no input FeatureGate; make it with lumos.gate(model, example_inputs)")
+    return gate
+
+
+def _as_test_data(data, model: nn.Module, who: str) -> TensorData | LoaderData:
+    if isinstance(data, (TensorData, LoaderData)):
+        return data
+    if data is None:
+        raise ValueError(f"{who}: `data` must be (inputs, target) or a loader of such batches, got None")
+    return as_data(data, "data", who, _model_dtype(model), True)
+
+
+def _batches(data: TensorData | LoaderData):
+    """Batches of at least 2 rows (rows are exchanged within a batch), :data:`MAX_ROWS` rows in all."""
+    seen = 0
+    for inputs, target in data.batches(BATCH_ROWS, pad=False):
+        if seen >= MAX_ROWS:
+            return
+        if target.shape[0] >= 2:
+            seen += target.shape[0]
+            yield inputs, target
+
+
+def _shuffle_hook(gate: FeatureGate, args: tuple, shuffled: dict):
+    """Forward pre-hook of the feature gate: while ``shuffled`` names a feature, that feature of the
+    input is replaced by the same feature of other rows (a random permutation of dim 0)."""
+    if not shuffled:
+        return None
+    x = args[0]
+    index = [slice(None)] * x.dim()
+    index[gate.dim % x.dim()] = shuffled["feature"]
+    order = torch.randperm(x.shape[0], generator=shuffled["generator"]).to(x.device)
+    x = x.clone()
+    x[tuple(index)] = x[order][tuple(index)]
+    return (x, *args[1:])
+
+
+def _chunk_losses(pred: torch.Tensor, target: torch.Tensor, loss_fn: Callable) -> torch.Tensor:
+    """``(k,)`` float64: ``loss_fn`` on each of up to :data:`CHUNKS` consecutive groups of rows
+    (one group when the model's output is not one tensor with a row per target row)."""
+    if not isinstance(pred, torch.Tensor) or pred.shape[:1] != target.shape[:1]:
+        return loss_fn(pred, target).double().reshape(1)
+    pieces = zip(torch.tensor_split(pred, min(CHUNKS, target.shape[0])),
+                 torch.tensor_split(target, min(CHUNKS, target.shape[0])))
+    return torch.stack([loss_fn(p, t).double() for p, t in pieces])
