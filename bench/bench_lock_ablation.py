@@ -1,17 +1,23 @@
-"""Could the lock tell a useless input from a needed one? An ablation of each kept input at the
-moment the gates lock.
+"""Can the lock tell a useless input from a needed one? Two ablations of each kept input at the
+moment the gates lock: closing it, and shuffling it across rows.
 
 ``lumos.fit(target=0.2)`` on a built-in workload at size small; at the step the controller locks
 the gates, each input the lock kept is closed in turn (its logit pinned closed, as the lock pins a
 unit) and the validation loss compared, image by image (or row by row), with the input open.
-Three criteria a lock could apply, none of which lumos applies (README, "What an input gate can
-miss", has the conclusion):
+Three criteria on closing (README, "What an input gate can miss", has the conclusion: none
+separates):
 
 - ``dL/L``: the relative rise of the validation loss;
 - ``z``: that rise over its standard error across samples (a paired test);
 - ``objective``: the rise over the penalty that closing the input saves at the lock's ``lam``
   (``lam * loss * parameters saved`` for the default relative penalty): below 1, the L0
   objective itself says close it.
+
+Then the test ``lumos.fit`` runs at the end of that epoch
+(:func:`lumos.train.input_test.permutation_test`): the input shuffled across validation rows
+instead of closed, ``shuffled dL/L`` and ``shuffled z`` (over 32 groups of rows, three
+shufflings averaged); fit closes an input below ``z`` 2. The fit here runs that test too
+(``History.inputs_dropped``, the last column).
 
 Run (about 3 minutes on 2 cores)::
 
@@ -29,6 +35,8 @@ import lumos
 from lumos import workloads
 from lumos.evaluation.training import train
 from lumos.gates import LOG_ALPHA_MIN
+from lumos.train import as_data
+from lumos.train.input_test import permutation_test
 from lumos.pipeline import example_inputs
 
 TARGET = 0.2
@@ -72,6 +80,8 @@ def ablate_inputs(gated: torch.nn.Module, work: workloads.Workload, lam: float, 
     open_losses, fraction = sample_losses(gated, work), lumos.kept_fraction(gated)
     loss = float(open_losses.mean())
     kept = gate.kept().tolist()
+    shuffled = permutation_test(gated, as_data(work.val, "val", "bench_lock_ablation", torch.float32, True),
+                                work.loss_fn)
     rows = []
     for j, name in enumerate(work.feature_names):
         if not kept[j]:
@@ -85,7 +95,8 @@ def ablate_inputs(gated: torch.nn.Module, work: workloads.Workload, lam: float, 
         rows.append({"input": name, "relevant": name in work.informative_features,
                      "dL/L": float(diff.mean()) / loss,
                      "z": float(diff.mean() / (diff.std() / math.sqrt(diff.numel()))),
-                     "objective": float(diff.mean()) / price if price > 0 else math.inf})
+                     "objective": float(diff.mean()) / price if price > 0 else math.inf,
+                     "shuffled dL/L": shuffled[j]["rise"], "shuffled z": shuffled[j]["z"]})
     return rows
 
 
@@ -95,8 +106,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
     print(f"size small, target {TARGET}; each input the lock kept, closed alone on the validation split\n")
-    print("| workload | seed | lam at the lock | input | relevant | dL/L | z | objective |")
-    print("|---|---:|---:|---|---|---:|---:|---:|")
+    print("| workload | seed | lam at the lock | input | relevant | dL/L | z | objective | shuffled dL/L | shuffled z "
+          "| fit closed it |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|")
     for name in args.workloads:
         for seed in args.seeds:
             work = workloads.load(name, size="small", seed=seed)
@@ -104,11 +116,13 @@ def main(argv=None) -> None:
             gated = lumos.gate(work.make_model(), example_inputs(work), feature_names=work.feature_names,
                                feature_dim=work.feature_dim)
             probe = AblateAtLock(work)
-            train(gated, work, 2 * work.fit_defaults["epochs"], name="gated", seed=seed, target=TARGET,
-                  fit_options={"callbacks": [probe]})
+            phase = train(gated, work, 2 * work.fit_defaults["epochs"], name="gated", seed=seed, target=TARGET,
+                          fit_options={"callbacks": [probe]})
+            closed = {item["name"] for item in phase.history.inputs_dropped or []}
             for row in probe.rows or []:
                 print(f"| {name} | {seed} | {probe.lam:.2f} | {row['input']} | {'yes' if row['relevant'] else 'no'} | "
-                      f"{row['dL/L']:+.4f} | {row['z']:+.2f} | {row['objective']:.3g} |", flush=True)
+                      f"{row['dL/L']:+.4f} | {row['z']:+.2f} | {row['objective']:.3g} | {row['shuffled dL/L']:+.4f} | "
+                      f"{row['shuffled z']:+.2f} | {'yes' if row['input'] in closed else 'no'} |", flush=True)
 
 
 if __name__ == "__main__":

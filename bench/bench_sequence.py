@@ -5,7 +5,8 @@
 needs ``x0`` and ``x1``, the other four are distractors), 512 training sequences of length 12;
 ``lumos.fit(target=0.3)``, Adam lr 3e-3, batch 64. Each row: the inputs kept, the validation
 loss, the parameters kept, the input gates' logits at the step the gates lock (a logit above
-``lumos.cost.kept_bound``, -2.40 for the default gates, keeps its input), and the largest relative difference between the
+``lumos.cost.kept_bound``, -2.40 for the default gates, keeps its input through the lock; fit's
+test at the end of that epoch may still close it), and the largest relative difference between the
 gated model and its compacted copy on batches and lengths other than the example's::
 
     OMP_NUM_THREADS=1 python bench/bench_sequence.py [--seeds 0 1] [--epochs 30]
