@@ -232,7 +232,8 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     an activation) or that compaction keeps whole (called twice, hooked, tied weights) stay as
     they are and are listed in ``gated.skipped`` with the reason. torch's Transformer layers and stacks (``TRACEABLE_TWINS``) first become their
     :mod:`lumos.nn.transformer` twins, so that the attention and feed-forward layers inside
-    them are gated. ``model`` itself is not modified.
+    them are gated. ``model`` itself is not modified. A bare layer (a linear model: one
+    ``nn.Linear`` or convolution) is wrapped in ``nn.Sequential`` (``gated.model[0]``).
 
     Args:
         model: the dense model (an ``nn.Module``, traceable by ``torch.fx``).
@@ -282,6 +283,8 @@ def gate(model: nn.Module, example_inputs, *, features: bool = True,
     names = {id(m): name for name, m in model.named_modules()}
     leaf_modules = tuple(names.get(id(m), m) if isinstance(m, nn.Module) else m for m in leaf_modules)
     copied = copy.deepcopy(model)
+    if type(copied) in GATED_LAYERS:  # a bare layer (a linear model): torch.fx records its forward as a
+        copied = nn.Sequential(copied)  # function call, not a call of a module lumos can gate
     kept_whole = _swap_in_traceable_twins(copied, leaf_modules)
     chosen, skipped, same_channels = _choose_layers(copied, example_inputs, feature_dim, leaf_modules)
     skipped = {**kept_whole, **skipped}

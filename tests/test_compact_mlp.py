@@ -277,3 +277,21 @@ def test_leaf_subclass_of_a_known_layer_stays_whole():
     compacted = lumos.compact(gated)
     torch.testing.assert_close(compacted(x), gated.eval()(x), atol=ATOL, rtol=1e-5)
     assert isinstance(compacted.get_submodule("2"), NoisyLinear)
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: nn.Linear(6, 2), (64, 6)),
+                                         (lambda: nn.Conv1d(6, 3, 3, padding=1), (64, 6, 10))])
+def test_a_bare_layer_is_gated_on_its_inputs_and_compacts_exactly(make, shape):
+    """A linear model (one nn.Linear, or one conv) is gated on its input features, not refused
+    nor left with a cost model that has no layer: torch.fx sees a bare layer's forward as a
+    function call, so lumos.gate wraps it."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    gated = lumos.gate(make(), x[:8], feature_dim=1)
+    assert 0 < lumos.min_fraction(gated) < 1  # the input columns can go, the output width cannot
+    with torch.no_grad():
+        gated.feature_gate.gate.log_alpha[[1, 4]] = lumos.gates.LOG_ALPHA_MIN
+    small = lumos.compact(gated.eval())
+    fresh = torch.randn(5, *shape[1:-1], shape[-1] + 3) if len(shape) == 3 else torch.randn(5, 6)
+    torch.testing.assert_close(small(fresh), gated(fresh))
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in make().parameters())
