@@ -83,7 +83,12 @@ class GatedModel(nn.Module):
         return self.feature_gate.feature_names if self.feature_gate is not None else None
 
 
+def feature_gate_of(model: nn.Module) -> FeatureGate | None:
+    """The :class:`lumos.nn.FeatureGate` ``model`` holds (None without one)."""
+    return next((m for m in model.modules() if isinstance(m, FeatureGate)), None)
+
+
 def has_feature_gate(model: nn.Module) -> bool:
     """Whether ``model`` holds a :class:`lumos.nn.FeatureGate` (its first input is then features)."""
-    return any(isinstance(m, FeatureGate) for m in model.modules())
+    return feature_gate_of(model) is not None
 

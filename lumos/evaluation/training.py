@@ -91,6 +91,6 @@ def _fit_graph_batches(model: nn.Module, train, val, *, loss_fn, metric, epochs:
         row = loop.run_epoch(train_data, batch_size)
         if test_inputs:
             loop.test_inputs_at_lock(val_data, row)
-        row["val_loss"], row["val_metric"] = evaluate(loop.eval_forward, val, loss_fn, metric)
+        row["val_loss"], row["val_metric"] = evaluate(loop.eval_forward, val_data, loss_fn, metric)
         loop.end_epoch(row, row["val_loss"], None)
     return loop.finish(restore_best=True)

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from ..collapse import closed_gates, constant_message, predicts_constant
-from ..gates import LOG_ALPHA_MIN, gates_of, model_sampler
+from ..gates import gates_of, model_sampler
+from ..model import feature_gate_of
 from . import distributed as ddp
 from .budget import BudgetController
 from .checkpoint import model_fingerprint, rng_states, save_atomic, set_rng_states, FORMAT, VERSION
 from .data import LoaderData, TensorData
-from .input_test import drop_unneeded_inputs_, feature_gate_of
+from .input_test import close_inputs_, drop_unneeded_inputs_
 from .penalty import check_finite_gates, kept_fraction, param_groups
 from .step import _model_device, _to, train_step
 
@@ -265,11 +266,9 @@ class FitLoop:
             return
         main = self.ranks is None or self.ranks.main
         dropped = drop_unneeded_inputs_(self.model, data, self.loss_fn) if main else None
-        if self.ranks is not None:
+        if self.ranks is not None:  # the other ranks close what rank 0 closed
             dropped = ddp.broadcast_object(dropped, self.ranks)
-            logits = feature_gate_of(self.model).gate.log_alpha
-            for item in dropped:
-                logits.data[item["index"]] = LOG_ALPHA_MIN
+            close_inputs_(self.model, [item["index"] for item in dropped])
         self.history.inputs_dropped = dropped
         row["inputs_dropped"] = [item["name"] for item in dropped]
         if dropped:

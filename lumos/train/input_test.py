@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..gates import LOG_ALPHA_MIN
+from ..model import feature_gate_of
 from ..nn.feature_gate import FeatureGate
 from .data import LoaderData, TensorData, as_data
 from .step import _model_device, _model_dtype, _to
@@ -31,11 +32,6 @@ PERMUTATIONS = 3  # shufflings per input, averaged: the test does not hinge on o
 CHUNKS = 32  # each batch's rows are split into this many groups; the standard error is over groups
 MAX_ROWS = 8192  # rows of ``data`` the test reads at most
 BATCH_ROWS = 1024  # rows per forward pass (and per shuffling: rows are exchanged within a batch)
-
-
-def feature_gate_of(model: nn.Module) -> FeatureGate | None:
-    """The model's input :class:`lumos.nn.FeatureGate` (None without one)."""
-    return next((m for m in model.modules() if isinstance(m, FeatureGate)), None)
 
 
 @torch.no_grad()
@@ -120,8 +116,15 @@ def drop_unneeded_inputs_(model: nn.Module, data, loss_fn: Callable = nn.functio
         worst = min(kept, key=lambda j: results[j]["z"])
         if results[worst]["z"] >= z_keep:
             return dropped
-        gate.gate.log_alpha[worst] = LOG_ALPHA_MIN
+        close_inputs_(model, [worst])
         dropped.append({"name": gate.feature_names[worst], "index": worst, **results[worst]})
+
+
+@torch.no_grad()
+def close_inputs_(model: nn.Module, indices: list[int]) -> None:
+    """Close the inputs at ``indices`` of ``model``'s feature gate for good: their logits pinned at
+    the lower bound, as the budget lock pins a unit."""
+    feature_gate_of(model).gate.log_alpha[indices] = LOG_ALPHA_MIN
 
 
 def _feature_gate(model: nn.Module, who: str) -> FeatureGate:
