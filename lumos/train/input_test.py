@@ -4,8 +4,10 @@ The L0 gates can keep an input that carries no information: when closing it (fee
 shift what the following layers compute, its task gradient holds its gate open (README, "What an
 input gate can miss"). Closing is the wrong question; the right one is whether the model uses
 the input's *values*. Shuffling an input across the rows of the data (permutation importance,
-Breiman 2001) keeps its distribution and removes what it says about each row: the loss rises for
-an input the model needs and stays put, within noise, for one it does not. At the lock, with the
+Breiman 2001) keeps its distribution and removes what it says about each row. The model's
+predictions over a few shufflings are averaged before the loss is taken (the input's value
+integrated out, :func:`permutation_test` says why): the loss rises for an input the model needs,
+and for one that carries nothing it stays put or falls, the more the model leans on it. At the lock, with the
 architecture fixed, :func:`drop_unneeded_inputs_` closes the kept inputs whose shuffling does not
 raise the loss by :data:`Z_KEEP` standard errors, one at a time (the least needed first, the others
 tested again without it, so two copies of one input are not both closed), and the training after
@@ -25,8 +27,8 @@ from ..nn.feature_gate import FeatureGate
 from .data import LoaderData, TensorData, as_data
 from .step import _model_device, _model_dtype, _to
 
-# An input is kept when shuffling it raises the loss by at least this many standard errors (a
-# one-sided test at about 2%): an input whose use the data cannot resolve from noise is dropped.
+# An input is kept when integrating it out raises the loss by at least this many standard errors
+# (a one-sided test at about 2%): an input whose use the data cannot resolve from noise is dropped.
 Z_KEEP = 2.0
 PERMUTATIONS = 3  # shufflings per input, averaged: the test does not hinge on one pairing of rows
 CHUNKS = 32  # each batch's rows are split into this many groups; the standard error is over groups
@@ -36,8 +38,23 @@ BATCH_ROWS = 1024  # rows per forward pass (and per shuffling: rows are exchange
 
 @torch.no_grad()
 def permutation_test(model: nn.Module, data, loss_fn: Callable = nn.functional.mse_loss,
-                     features: list[int] | None = None, *, seed: int = 0) -> dict[int, dict]:
+                     features: list[int] | None = None, *, seed: int = 0,
+                     average_outputs: bool = True) -> dict[int, dict]:
     """The rise of ``loss_fn`` when each input feature is shuffled across rows, ``model`` in eval mode.
+
+    Each feature is shuffled :data:`PERMUTATIONS` times. By default the model's *predictions* over
+    those shufflings are averaged and the loss of that average compared with the loss on the
+    intact data: the loss of the model's prediction with the feature's value integrated out. Why
+    not the average of the shuffled losses (classic permutation importance, ``average_outputs=False``)?
+    A model can lean on a feature that carries nothing (its weights fit the feature's noise); then
+    every shuffling injects as much noise as the true values did, the expected rise is exactly 0,
+    and the test keeps such a feature whenever the data's one pairing of rows happens to suit the
+    model (about 2% of the time at :data:`Z_KEEP`). Averaging the predictions removes part of the
+    injected noise: for a loss convex in the prediction (MSE, L1, Huber, cross-entropy on logits)
+    the expected rise of a useless feature is then *negative*, by ``1 - 1/PERMUTATIONS`` of the
+    variance it injects (Jensen), the more so the more the model leans on it, while a needed
+    feature's rise stays at least what the feature says about the target beyond the other inputs.
+    A feature the model barely reads still comes out near 0 either way: the gates close those.
 
     Args:
         model: a model holding a :class:`lumos.nn.FeatureGate` (a :class:`lumos.GatedModel`).
@@ -48,6 +65,9 @@ def permutation_test(model: nn.Module, data, loss_fn: Callable = nn.functional.m
         loss_fn: mean loss ``loss_fn(pred, target)`` (default MSE).
         features: indices of the features to test (default: those the gate keeps).
         seed: seed of the shufflings (the test is a pure function of model, data and seed).
+        average_outputs: average the predictions over the shufflings (default), else the losses.
+            Predictions that are not one floating tensor with a row per target row are never
+            averaged.
 
     Returns:
         ``{feature: {"rise": relative rise of the loss, "z": that rise over its standard error}}``;
@@ -68,15 +88,16 @@ def permutation_test(model: nn.Module, data, loss_fn: Callable = nn.functional.m
     try:
         for inputs, target in _batches(data):
             inputs, target = _to(inputs, device), target.to(device)
-            base = _chunk_losses(model(*inputs), target, loss_fn)
+            pred = model(*inputs)
+            base = _chunk_losses(pred, target, loss_fn)
             base_parts.append(base)
             for j in features:
-                rises = []
+                preds = []
                 for _ in range(PERMUTATIONS):
                     shuffled["feature"], shuffled["generator"] = j, generator
-                    rises.append(_chunk_losses(model(*inputs), target, loss_fn) - base)
+                    preds.append(model(*inputs))
                     shuffled.clear()
-                diffs[j].append(torch.stack(rises).mean(0))
+                diffs[j].append(_shuffled_losses(preds, pred, target, loss_fn, average_outputs) - base)
     finally:
         handle.remove()
         model.train(was_training)
@@ -167,6 +188,19 @@ def _shuffle_hook(gate: FeatureGate, args: tuple, shuffled: dict):
     x = x.clone()
     x[tuple(index)] = x[order][tuple(index)]
     return (x, *args[1:])
+
+
+def _shuffled_losses(preds: list, base: torch.Tensor, target: torch.Tensor, loss_fn: Callable,
+                     average_outputs: bool) -> torch.Tensor:
+    """:func:`_chunk_losses` of the predictions ``preds`` of the shufflings: of their mean where
+    ``average_outputs`` and they are floating tensors like the intact prediction ``base``, else the
+    mean of their losses."""
+    if average_outputs and all(isinstance(p, torch.Tensor) and p.is_floating_point() and p.shape == base.shape
+                               for p in preds + [base]):
+        # base + mean of the changes: exactly base where no shuffling changed the output (the mean of
+        # equal floats need not round back to them, and a rounding difference would get a z)
+        return _chunk_losses(base + torch.stack([p - base for p in preds]).mean(0), target, loss_fn)
+    return torch.stack([_chunk_losses(p, target, loss_fn) for p in preds]).mean(0)
 
 
 def _chunk_losses(pred: torch.Tensor, target: torch.Tensor, loss_fn: Callable) -> torch.Tensor:
