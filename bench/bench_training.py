@@ -192,7 +192,8 @@ def floor_step(seed: int = 0):
     :func:`step_pair` (same MLP, data, Adam and gate learning rate 0) written by hand for this one
     model, with what issue 10 asks a step to do and nothing of lumos' generality:
 
-    - one flat logit vector (one Adam parameter, no concatenation or split of the logits);
+    - one flat logit vector (one Adam parameter, stepped by the fused Adam as lumos' gate logits
+      are, no concatenation or split of the logits);
     - one sampling: ``torch.rand`` noise (cheaper than lumos' counter-based SplitMix64 uniforms),
       the hard-concrete formula with the thresholds as the clamp's bounds, differentiated by
       autograd;
@@ -212,7 +213,7 @@ def floor_step(seed: int = 0):
     widths = [N_FEATURES] + [HIDDEN] * (len(linears) - 1)  # the gated units: inputs, then each hidden layer
     logits = nn.Parameter(torch.empty(sum(widths)).uniform_(-1.0, 1.0))
     optimizer = torch.optim.Adam([{"params": [p for m in linears for p in m.parameters()], "lr": LR},
-                                  {"params": [logits], "lr": 0.0}])
+                                  {"params": [logits], "lr": 0.0, "fused": True, "foreach": False}])
     # [E[in] | E[out]] = p @ A + c: unit j of gate g feeds layer g and is an output of layer g - 1
     layers = len(linears)
     a = torch.zeros(sum(widths), 2 * layers, dtype=torch.float64)

@@ -46,6 +46,40 @@ def test_needed_inputs_rise_far_above_the_threshold_and_a_constant_effect_is_zer
     assert result[3] == {"rise": 0.0, "z": 0.0}
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_a_useless_input_the_model_leans_on_falls_below_zero_once_its_value_is_integrated_out(seed):
+    # "noise" (variance 1) read with weight 0.3 on top of residual noise 0.1: the model's loss is
+    # 0.09 + 0.01. Averaging the prediction over K = 3 shufflings leaves 0.09 / 3 of the injected
+    # variance: expected relative rise (0.03 + 0.01) / 0.1 - 1 = -0.6, far below 0 in z; the
+    # average of the shuffled losses (classic permutation importance) has expected rise 0, and its
+    # z is noise around 0 that a lucky pairing of rows pushes above the threshold now and then
+    from lumos.train.input_test import PERMUTATIONS, Z_KEEP
+
+    gated, x, y = linear_gated([2.0, -1.0, 0.3, 0.0], rows=2048, seed=seed)
+    integrated = permutation_test(gated, (x, y), nn.functional.mse_loss, [2])[2]
+    classic = permutation_test(gated, (x, y), nn.functional.mse_loss, [2], average_outputs=False)[2]
+    expected = (0.09 / PERMUTATIONS + 0.01) / 0.1 - 1
+    assert abs(integrated["rise"] - expected) < 0.1
+    assert integrated["z"] < -3 * Z_KEEP
+    assert abs(classic["rise"]) < 0.1 and abs(classic["z"]) < 4
+
+
+def test_integrating_out_works_for_a_classifier_and_keeps_what_it_needs():
+    # cross-entropy is convex in the logits, so averaging them can only lower the loss of a useless input
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 3, generator=gen)
+    y = (x[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-3.0, 0.0, -1.0], [3.0, 0.0, 1.0]]))  # reads x2, which says nothing
+        model[0].bias.zero_()
+    gated = lumos.gate(model, x[:8], feature_names=["signal", "unused", "noise"])
+    result = permutation_test(gated, (x, y), nn.functional.cross_entropy)
+    assert result[0]["z"] > 10 and result[1] == {"rise": 0.0, "z": 0.0} and result[2]["z"] < -2
+    lumos.drop_unneeded_inputs_(gated, (x, y), nn.functional.cross_entropy)
+    assert lumos.report(gated).kept_features == ["signal"]
+
+
 def test_an_input_read_twice_is_kept_twice_and_an_unread_copy_is_closed():
     both, x, y = linear_gated([1.0, 0.0, 0.0, 0.0], copy=True)  # y = x0: a and b are the same column
     with torch.no_grad():

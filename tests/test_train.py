@@ -354,6 +354,31 @@ def test_param_groups_give_gate_logits_a_larger_step(gated_mlp):
     assert len(weights["params"]) + len(gates["params"]) == len(list(gated_mlp.parameters()))
 
 
+@pytest.mark.parametrize("make", [lambda g: torch.optim.Adam(g), lambda g: torch.optim.AdamW(g, foreach=True),
+                                  lambda g: torch.optim.SGD(g, momentum=0.9), lambda g: torch.optim.Adagrad(g),
+                                  lambda g: torch.optim.RMSprop(g)],
+                         ids=["adam", "adamw-foreach", "sgd", "adagrad", "rmsprop"])
+def test_the_gate_logits_fused_step_is_the_one_by_one_step(gated_mlp, make):
+    """param_groups asks for the fused implementation for the gate logits (a gated step's cost on
+    CPU); the optimisers that have one step them exactly as one by one, the others ignore it."""
+    import copy
+
+    gates = lumos.param_groups(gated_mlp, lr=1e-2)[1]
+    assert gates["fused"] is True and gates["foreach"] is False
+    models = [gated_mlp, copy.deepcopy(gated_mlp)]
+    optimizers = [make(lumos.param_groups(models[0], lr=1e-2)),
+                  make([{k: v for k, v in group.items() if k not in ("fused", "foreach")}
+                        for group in lumos.param_groups(models[1], lr=1e-2)])]
+    x, y = torch.randn(64, 6, generator=torch.Generator().manual_seed(0)), torch.zeros(64, 2)
+    for step in range(5):
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).add(lumos.penalty(model, "params")).backward()
+            optimizer.step()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def _count_reads(monkeypatch, fn):
     """How many times ``fn`` reads a tensor value back to Python (item, float, bool, tolist)."""
     count = [0]

@@ -80,6 +80,12 @@ def param_groups(model: nn.Module, lr: float, gate_lr: float | None = None) -> l
     Usage: ``torch.optim.Adam(lumos.param_groups(gated, lr=1e-3))``. A gate logit must travel
     about 5 units from open to closed; with Adam each step moves it by about its learning
     rate, so at the weights' rate a run of a few thousand steps could not close a gate.
+
+    The logits' group asks for the optimiser's fused implementation (``fused=True``,
+    ``foreach=False``) where every logit is a floating tensor on a device with fused kernels: one
+    gate is one small tensor, and stepping them one by one costs a gated step on CPU about 0.1 ms
+    (``bench/bench_training.py overhead``); Adam, AdamW, SGD and Adagrad read the keys, the
+    others ignore them. The weights' group keeps the optimiser's own choice.
     """
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lumos.param_groups: `lr` must be a positive number, got {lr!r}")
@@ -91,5 +97,18 @@ def param_groups(model: nn.Module, lr: float, gate_lr: float | None = None) -> l
     weights = [p for p in model.parameters() if id(p) not in ids]
     groups = [{"params": weights, "lr": float(lr)}] if weights else []
     if logits:
-        groups.append({"params": logits, "lr": float(gate_lr)})
+        groups.append({"params": logits, "lr": float(gate_lr), **_fused_if_supported(logits)})
     return groups
+
+
+def _fused_if_supported(params: list[torch.Tensor]) -> dict:
+    """``{"fused": True, "foreach": False}`` where torch has fused optimiser kernels for every one
+    of ``params`` (floating, on a supported device), else ``{}`` (the optimiser's default)."""
+    try:  # a private helper of torch.optim: without it, the optimiser's default
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+        devices = _get_fused_kernels_supported_devices()
+    except (ImportError, AttributeError):
+        return {}
+    if all(p.is_floating_point() and p.device.type in devices for p in params):
+        return {"fused": True, "foreach": False}
+    return {}
