@@ -13,16 +13,18 @@ separates):
   (``lam * loss * parameters saved`` for the default relative penalty): below 1, the L0
   objective itself says close it.
 
-Then the test ``lumos.fit`` runs at the end of that epoch
-(:func:`lumos.train.input_test.permutation_test`): the input shuffled across validation rows
-instead of closed, ``shuffled dL/L`` and ``shuffled z`` (over 32 groups of rows, three
-shufflings averaged); fit closes an input below ``z`` 2. The fit here runs that test too
+Then the input shuffled across validation rows instead of closed, three shufflings, z over 32
+groups of rows (:func:`lumos.train.input_test.permutation_test`): ``shuffled dL/L`` and
+``shuffled z`` average the three shuffled losses (classic permutation importance, what fit's
+test did first); ``averaged dL/L`` and ``averaged z`` take the loss of the three shuffled
+predictions' average (the input integrated out), the statistic fit's test at the end of that
+epoch uses: it closes an input below ``averaged z`` 2. The fit here runs that test too
 (``History.inputs_dropped``, the last column).
 
-Run (about 3 minutes on 2 cores)::
+Run (about 3 minutes on 2 cores at size small; em_denoise at size full, one seed, about 6)::
 
     OMP_NUM_THREADS=1 python bench/bench_lock_ablation.py [--workloads em_denoise cosmo3d cfd_flux]
-        [--seeds 0 1 2]
+        [--seeds 0 1 2] [--size small|full]
 """
 from __future__ import annotations
 
