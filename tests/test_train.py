@@ -360,7 +360,7 @@ def test_param_groups_give_gate_logits_a_larger_step(gated_mlp):
                          ids=["adam", "adamw-foreach", "sgd", "adagrad", "rmsprop"])
 def test_the_gate_logits_fused_step_is_the_one_by_one_step(gated_mlp, make):
     """param_groups asks for the fused implementation for the gate logits (a gated step's cost on
-    CPU); the optimisers that have one step them exactly as one by one, the others ignore it."""
+    CPU); the optimisers that have one step them as one by one (to rounding), the others ignore it."""
     import copy
 
     gates = lumos.param_groups(gated_mlp, lr=1e-2)[1]
