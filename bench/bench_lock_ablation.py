@@ -84,7 +84,7 @@ def ablate_inputs(gated: torch.nn.Module, work: workloads.Workload, lam: float, 
     kept = gate.kept().tolist()
     val = as_data(work.val, "val", "bench_lock_ablation", torch.float32, True)
     shuffled = permutation_test(gated, val, work.loss_fn, average_outputs=False)
-    marginal = permutation_test(gated, val, work.loss_fn)
+    averaged = permutation_test(gated, val, work.loss_fn)
     rows = []
     for j, name in enumerate(work.feature_names):
         if not kept[j]:
@@ -100,7 +100,7 @@ def ablate_inputs(gated: torch.nn.Module, work: workloads.Workload, lam: float, 
                      "z": float(diff.mean() / (diff.std() / math.sqrt(diff.numel()))),
                      "objective": float(diff.mean()) / price if price > 0 else math.inf,
                      "shuffled dL/L": shuffled[j]["rise"], "shuffled z": shuffled[j]["z"],
-                     "averaged dL/L": marginal[j]["rise"], "averaged z": marginal[j]["z"]})
+                     "averaged dL/L": averaged[j]["rise"], "averaged z": averaged[j]["z"]})
     return rows
 
 

@@ -66,8 +66,8 @@ def permutation_test(model: nn.Module, data, loss_fn: Callable = nn.functional.m
         features: indices of the features to test (default: those the gate keeps).
         seed: seed of the shufflings (the test is a pure function of model, data and seed).
         average_outputs: average the predictions over the shufflings (default), else the losses.
-            Predictions that are not one floating tensor with a row per target row are never
-            averaged.
+            Predictions that are not floating tensors of one shape (a tuple, class indices) are
+            never averaged: their losses are.
 
     Returns:
         ``{feature: {"rise": relative rise of the loss, "z": that rise over its standard error}}``;
