@@ -272,13 +272,14 @@ class CostModel:
         return torch.cat(eval_masks(self.gates)) > 0  # a GatedModel's gates: one sampling call
 
     @torch.no_grad()
-    def units_above_threshold(self) -> torch.Tensor:
+    def units_above_threshold(self, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
         """``(n_units,)`` bool: the units whose ``log_alpha`` lies above the boundary of its eval
         mask's support (:func:`kept_bound`): the units :meth:`kept_units` keeps, except a logit
         within rounding of ``z_hat``'s zero, which the eval mask's float arithmetic may place on
         either side. One concatenation and one comparison, where :meth:`kept_units` samples every
-        eval mask: the measurement a training step can afford (:class:`lumos.BudgetController`)."""
-        log_alpha = self._flat_log_alpha().detach()
+        eval mask: the measurement a training step can afford (:class:`lumos.BudgetController`).
+        ``log_alpha``: the gates' logits already concatenated (in gate order), if the caller has them."""
+        log_alpha = (self._flat_log_alpha() if log_alpha is None else log_alpha).detach()
         if log_alpha.dtype == torch.float64:
             return log_alpha > self._on("_kept_above", log_alpha)
         if log_alpha.dtype != torch.float32:
@@ -318,22 +319,25 @@ class CostModel:
         """Differentiable expected cost under the gates' ``p_open``, in the gates' dtype."""
         return self._expected(self.p_open(), kind)
 
-    def expected_and_soft_kept(self, kind: str, temperature: float = 0.5,
-                               normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def expected_and_soft_kept(self, kind: str, temperature: float = 0.5, normalize: bool = False,
+                               units: bool = False) -> tuple[torch.Tensor, ...]:
         """``(expected(kind), soft_kept(kind, temperature))`` from one vectorised evaluation (the
         two unit vectors stacked, one flat copy of the logits) and one backward node with the
         closed-form gradient (:class:`_ExpectedCost`): what a training step needs. The second is
         detached and in the gates' dtype (``soft_kept`` alone is float64). ``normalize``: both
-        as fractions of the dense model's cost."""
+        as fractions of the dense model's cost. ``units``: also :meth:`units_above_threshold`,
+        from the same copy of the logits (a third item)."""
         scale = 1.0 / self.dense[kind] if normalize else 1.0
         logits = [g.log_alpha for g in self.gates]
         if not torch.is_grad_enabled():  # no graph to record: the evaluation alone
-            return self._expected_and_soft_kept(kind, temperature, scale, logits)[:2]
-        return _ExpectedCost.apply(self, kind, temperature, scale, *logits)
+            expected, kept, _, log_alpha = self._expected_and_soft_kept(kind, temperature, scale, logits)
+            return (expected, kept, self.units_above_threshold(log_alpha)) if units else (expected, kept)
+        return _ExpectedCost.apply(self, kind, temperature, scale, units, *logits)
 
     def _expected_and_soft_kept(self, kind: str, temperature: float, scale: float, logits) -> tuple:
-        """``(expected, soft_kept, saved)``: the evaluation of :meth:`expected_and_soft_kept` without
-        a graph, and what :meth:`_grad_p` needs: ``(p,)`` or ``(p, E[in], E[out])`` of the expected row."""
+        """``(expected, soft_kept, saved, log_alpha)``: the evaluation of
+        :meth:`expected_and_soft_kept` without a graph, what :meth:`_grad_p` needs (``(p,)`` or
+        ``(p, E[in], E[out])`` of the expected row) and the concatenated logits."""
         log_alpha = torch.cat(logits) if len(logits) > 1 else logits[0]
         # rows: p = sigmoid(log_alpha - shift) and soft = sigmoid((log_alpha - kept_above) / temperature)
         divisors = self._on(("divisors", temperature), log_alpha,
@@ -345,7 +349,7 @@ class CostModel:
             e_in, e_out = self._widths_of_p(both)
             cost, saved = self._cost_of_widths(e_in, e_out, kind), (both[0], e_in[0], e_out[0])
         expected, kept = (cost * scale if scale != 1.0 else cost).unbind()
-        return expected, kept, saved
+        return expected, kept, saved, log_alpha
 
     @torch.no_grad()
     def actual_tensor(self, kind: str, kept_units: torch.Tensor) -> torch.Tensor:
@@ -371,28 +375,32 @@ class _ExpectedCost(torch.autograd.Function):
     dozen tensor ops on small vectors; autograd's graph of them cost more than the ops."""
 
     @staticmethod
-    def forward(ctx, costs, kind, temperature, scale, *logits):
+    def forward(ctx, costs, kind, temperature, scale, units, *logits):
         ctx.set_materialize_grads(False)
-        expected, kept, saved = costs._expected_and_soft_kept(kind, temperature, scale, logits)
+        expected, kept, saved, log_alpha = costs._expected_and_soft_kept(kind, temperature, scale, logits)
         ctx.save_for_backward(*saved)
         ctx.costs, ctx.kind, ctx.sizes, ctx.scale = costs, kind, [t.numel() for t in logits], scale
         ctx.logits = logits  # only for a backward that is itself differentiated (see backward)
-        ctx.mark_non_differentiable(kept)
-        return expected, kept
+        if not units:
+            ctx.mark_non_differentiable(kept)
+            return expected, kept
+        above = costs.units_above_threshold(log_alpha)
+        ctx.mark_non_differentiable(kept, above)
+        return expected, kept, above
 
     @staticmethod
-    def backward(ctx, grad_expected, _grad_kept):
+    def backward(ctx, grad_expected, *_grad_kept):
         if grad_expected is None:
-            return (None,) * (4 + len(ctx.sizes))
+            return (None,) * (5 + len(ctx.sizes))
         if torch.is_grad_enabled():  # create_graph=True: autograd through the plain formulas, differentiable again
             with torch.enable_grad():
                 expected = ctx.costs.expected(ctx.kind) * ctx.scale
             grads = torch.autograd.grad(expected, ctx.logits, grad_expected, create_graph=True)
-            return (None, None, None, None, *grads)
+            return (None,) * 5 + tuple(grads)
         p, *widths = ctx.saved_tensors
         d_p = torch.ones_like(p) if ctx.kind == "count" else ctx.costs._grad_p(p, *widths, ctx.kind)
         grad = torch.ops.aten.sigmoid_backward(d_p.mul_(grad_expected * ctx.scale), p)  # times p (1 - p)
-        return (None, None, None, None, *grad.split(ctx.sizes))
+        return (None,) * 5 + grad.split(ctx.sizes)
 
 
 def kept_bound(gate: HardConcreteGate, dtype: torch.dtype) -> float:

@@ -860,6 +860,45 @@ def test_controller_measurement_keeps_the_eval_masks_units(dtype):
     assert measured.any() and not measured.all()
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_evaluation_gives_the_kept_units_from_its_own_copy_of_the_logits(grad):
+    model, x = mlp_zoo()["residual"]
+    gated = lumos.gate(model, x)
+    randomize_gates(gated, seed=5)
+    costs = cost_model(gated)
+    with torch.set_grad_enabled(grad):
+        expected, soft, units = costs.expected_and_soft_kept("params", normalize=True, units=True)
+    assert torch.equal(units, costs.units_above_threshold()) and units.dtype == torch.bool
+    assert not units.requires_grad and expected.requires_grad == grad
+    alone = costs.expected_and_soft_kept("params", normalize=True)
+    assert torch.equal(expected, alone[0]) and torch.equal(soft, alone[1])
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_the_lock_measurement_is_the_exact_fraction_whether_or_not_the_units_moved(gated_mlp, monkeypatch, host):
+    """On CPU a measurement whose kept units equal the last ones reuses their cost: after every
+    ``penalty`` call the recorded fraction is the exact one of the units above their bounds, and
+    the measurement before it is kept for the lock's choice, whether one unit crossed or none."""
+    monkeypatch.setattr(lumos.BudgetController, "host_scalars_on_cpu", host)
+    controller = lumos.BudgetController(gated_mlp, target=0.5, total_steps=100, warmup=0.0, anneal=0.0)
+    costs = cost_model(gated_mlp)
+    gate = costs.gates[-1]
+    with torch.no_grad():
+        gate.log_alpha.fill_(3.0)  # every unit kept
+    before = None
+    for move in (False, False, True, False, True):
+        if move:
+            with torch.no_grad():
+                gate.log_alpha[int(gate.log_alpha.argmax())] = -4.0  # one unit closes
+        controller.penalty(torch.tensor(1.0))
+        units = costs.units_above_threshold()
+        exact = costs.actual_tensor("params", units) / costs.dense["params"]
+        assert torch.equal(controller._units, units)
+        assert float(controller._kept) == float(exact)
+        assert controller._last[0] is not None and (before is None or float(controller._last[0]) == before)
+        before = float(exact)
+
+
 def test_cost_model_evaluates_every_layer_in_one_pass_matching_the_per_layer_formula():
     model, x = mlp_zoo()["residual"]
     gated = lumos.gate(model, x)

@@ -184,15 +184,13 @@ class BudgetController:
         a graph: its gradient is exactly 0, and the step skips the cost's backward."""
         costs = cost_model(self.model)
         graph = torch.is_grad_enabled() and not (self._on_host and self._lam == 0.0)
-        with torch.set_grad_enabled(graph):
-            expected, soft_kept = costs.expected_and_soft_kept(self.cost, normalize=True)  # one vectorised evaluation
+        measure = self._measures_kept()
+        with torch.set_grad_enabled(graph):  # one vectorised evaluation
+            expected, soft_kept, *units = costs.expected_and_soft_kept(self.cost, normalize=True, units=measure)
         self._expected = expected.detach() if graph else expected
         self._soft_kept = soft_kept.item() if self._on_host else soft_kept.double()  # the controller computes in float64
-        if self._measures_kept():
-            with torch.no_grad():
-                units = costs.units_above_threshold()
-                self._last = (self._kept, self._units)
-                self._kept, self._units = costs.actual_tensor(self.cost, units) / costs.dense[self.cost], units
+        if measure:
+            self._measure(costs, units[0])
         weight = self._lam
         if self.relative and task_loss is not None:
             weight = weight * self._loss_scale(task_loss.item() if self._on_host else task_loss.detach())
@@ -201,6 +199,18 @@ class BudgetController:
         if expected.dtype not in (torch.float32, torch.float64):  # torch would multiply by the float unrounded
             weight = torch.tensor(weight, dtype=torch.float64).to(expected.dtype).item()
         return expected * weight  # torch rounds the float to float32 first, as weight.to(float32) does
+
+    @torch.no_grad()
+    def _measure(self, costs, units: torch.Tensor) -> None:
+        """Record the eval masks' fraction of the dense cost with these kept ``units``, keeping the
+        previous measurement. On CPU, units the same as last time's have the same cost: one
+        comparison instead of the evaluation (the units change only when a logit crosses its
+        threshold)."""
+        self._last = (self._kept, self._units)
+        if self._on_host and self._units is not None and torch.equal(units, self._units):
+            self._units = units
+            return
+        self._kept, self._units = costs.actual_tensor(self.cost, units) / costs.dense[self.cost], units
 
     def _loss_scale(self, task):
         """The detached task loss that scales the penalty (``relative``); with ``loss_cap``, capped
