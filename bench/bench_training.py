@@ -16,11 +16,12 @@ Three measurements:
       python -m pytest bench/bench_training.py --benchmark-enable --benchmark-only \\
           --benchmark-columns=median,iqr,min,rounds -q
 
-  and, timing the two in alternation so that load from other processes hits both alike::
+  and, timing three copies of each step in a random order every round, so that load from other
+  processes, the order and where a copy's tensors land in memory hit every variant alike::
 
       OMP_NUM_THREADS=1 python bench/bench_training.py overhead
 
-  (wall and CPU-time medians: CPU time leaves out the waits a busy machine imposes).
+  (wall-time medians: the mean ratio over the copies and its range).
 
 - ``schedules``: the experiment that chose the gate schedule (README, "The gates"): each
   schedule x task x seed trained with ``lumos.fit(target=0.1)``, reporting the inputs kept
@@ -277,40 +278,58 @@ def op_count(fn) -> int:
     return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
 
 
-def overhead(rounds: int = 300) -> None:
-    """Gated over plain step time, the steps timed in alternation (load on the machine hits all
-    alike); in the band also :func:`floor_step`, the least an eager implementation can cost, and
-    both steps with their forwards through ``torch.compile`` (against the eager plain step too)."""
+def overhead(rounds: int = 200, instances: int = 3) -> None:
+    """Gated over plain step time. Each variant is built ``instances`` times (the same numbers,
+    other memory: the same step on another copy of the model runs up to 2% faster or slower, from
+    where its tensors land) and every round times them all once in a random order, so that load
+    from other processes and the order hit every variant alike. The ratio is each gated instance's
+    median over the plain instances' median: mean and range over instances. In the band also
+    :func:`floor_step`, the least an eager implementation can cost, and both steps with their
+    forwards through ``torch.compile`` (against the eager plain step too)."""
+    import random
+
     print(f"batch {TRAIN_BATCH}, {torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.2f}, "
-          f"{rounds} alternating rounds")
+          f"{rounds} rounds of {instances} instances of each variant in random order", flush=True)
     for in_band, compiled in ((True, False), (False, False), (True, True)):
-        plain, gated = step_pair(in_band, compiled=compiled)
-        steps = {"plain": plain, "gated": gated}
-        if in_band and not compiled:
-            steps["floor"] = floor_step()
-        if compiled:
-            steps["eager plain"] = step_pair(in_band)[0]
+        steps = {}
+        for i in range(instances):
+            steps["plain", i], steps["gated", i] = step_pair(in_band, compiled=compiled)
+            if in_band and not compiled:
+                steps["floor", i] = floor_step()
+            if compiled:
+                steps["eager plain", i] = step_pair(in_band)[0]
         for _ in range(20):
             for fn in steps.values():
                 fn()
-        wall, cpu = {name: [] for name in steps}, {name: [] for name in steps}
+        wall = {key: [] for key in steps}
+        order, shuffle = list(steps), random.Random(0).shuffle
         for _ in range(rounds):
-            for name, fn in steps.items():
-                start, start_cpu = time.perf_counter(), time.process_time()
-                fn()
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
-        for label, times in (("wall", wall), ("CPU", cpu)):
-            median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
-            print(f"gates {'inside' if in_band else 'outside'} the band"
-                  f"{', both forwards through torch.compile' if compiled else ''}, {label} time: plain step "
-                  f"{1e3 * median['plain']:.3f} ms, gated step {1e3 * median['gated']:.3f} ms, "
-                  f"ratio {median['gated'] / median['plain']:.3f}x"
-                  + (f"; hand-written floor {1e3 * median['floor']:.3f} ms, ratio "
-                     f"{median['floor'] / median['plain']:.3f}x" if "floor" in median else "")
-                  + (f"; eager plain step {1e3 * median['eager plain']:.3f} ms, gated step / eager plain step "
-                     f"{median['gated'] / median['eager plain']:.3f}x" if "eager plain" in median else ""), flush=True)
-        print("  aten ops per step: " + ", ".join(f"{name} {op_count(fn)}" for name, fn in steps.items()))
+            shuffle(order)
+            for key in order:
+                start = time.perf_counter()
+                steps[key]()
+                wall[key].append(time.perf_counter() - start)
+        median = {key: sorted(t)[len(t) // 2] for key, t in wall.items()}
+        plain = sorted(median["plain", i] for i in range(instances))[instances // 2]
+
+        def step_ms(name: str) -> str:
+            return f"{1e3 * sum(median[name, i] for i in range(instances)) / instances:.3f} ms"
+
+        def ratio(name: str, over: float) -> str:
+            ratios = [median[name, i] / over for i in range(instances)]
+            return f"{sum(ratios) / instances:.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"
+
+        line = f"gates {'inside' if in_band else 'outside'} the band"
+        line += ", both forwards through torch.compile" if compiled else ""
+        line += f": plain step {1e3 * plain:.3f} ms, gated step {step_ms('gated')}, ratio {ratio('gated', plain)}"
+        if in_band and not compiled:
+            line += f"; hand-written floor {step_ms('floor')}, ratio {ratio('floor', plain)}"
+        if compiled:
+            eager = sorted(median["eager plain", i] for i in range(instances))[instances // 2]
+            line += f"; eager plain step {1e3 * eager:.3f} ms, gated / eager plain {ratio('gated', eager)}"
+        print(line, flush=True)
+        print("  aten ops per step: " + ", ".join(f"{name} {op_count(steps[name, 0])}"
+                                                   for name in dict.fromkeys(name for name, _ in steps)), flush=True)
 
 
 FRACTIONS = (0.10, 0.05)  # of the dense parameters
