@@ -32,7 +32,8 @@ Three measurements:
 - ``superres``: training on a model lumos was not built for (an SRResNet doing x2
   super-resolution of two fields, both needed), 10 seeds: the default, a gate per layer
   (``lumos.gate(..., share_gates=False)``, what lumos did before the residual stream's
-  producers shared one gate) and ``loss_cap=True`` (README, "How a run reaches its budget")::
+  producers shared one gate), ``loss_cap=True`` and both (README, "How a run reaches its
+  budget")::
 
       OMP_NUM_THREADS=1 python bench/bench_training.py superres [--seeds 0 1 2] [--epochs 40]
 
@@ -54,6 +55,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import sys
 import time
 import warnings
@@ -286,8 +288,6 @@ def overhead(rounds: int = 200, instances: int = 3) -> None:
     median over the plain instances' median: mean and range over instances. In the band also
     :func:`floor_step`, the least an eager implementation can cost, and both steps with their
     forwards through ``torch.compile`` (against the eager plain step too)."""
-    import random
-
     print(f"batch {TRAIN_BATCH}, {torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.2f}, "
           f"{rounds} rounds of {instances} instances of each variant in random order", flush=True)
     for in_band, compiled in ((True, False), (False, False), (True, True)):
@@ -425,6 +425,7 @@ SUPERRES_ARMS = {  # name -> (lumos.gate keywords, BudgetController options)
     "default": ({}, {}),
     "share_gates=False": ({"share_gates": False}, {}),
     "loss_cap=True": ({}, {"loss_cap": True}),
+    "share_gates=False,loss_cap=True": ({"share_gates": False}, {"loss_cap": True}),
 }
 
 

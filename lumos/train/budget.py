@@ -221,8 +221,9 @@ class BudgetController:
         closes more gates, which raises the loss again. On an SRResNet (x2 super-resolution of a
         two-field flow, target 0.3, 640 steps, seeds 0-29) with a gate per layer
         (``lumos.gate(..., share_gates=False)``), whose residual stream the penalty could not
-        shrink, that loop ended with a needed input closed in 5 runs and a constant model in
-        16 (8 good); capped, 10 and 0 (20 good). With shared gates (the default) every
+        shrink, that loop ended with a needed input closed in 4 runs and a constant model in
+        16 (9 good); capped, 9 and 0 (20 good; ``bench/results/training-superres-cpu.md``).
+        With shared gates (the default) every
         run keeps both inputs, capped or not (seeds 0-9 capped). On the
         built-in workloads (``bench/results/workloads-cpu-losscap.md``) the cap cost accuracy on
         em_denoise (16.7 / 5.4 / 11.3% against 12.8 / 4.8 / 9.2%) and kept a distractor on
