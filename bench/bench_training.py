@@ -310,7 +310,11 @@ def overhead(rounds: int = 200, instances: int = 3) -> None:
                 steps[key]()
                 wall[key].append(time.perf_counter() - start)
         median = {key: sorted(t)[len(t) // 2] for key, t in wall.items()}
-        plain = sorted(median["plain", i] for i in range(instances))[instances // 2]
+
+        def across(name: str) -> float:  # the middle copy's median
+            return sorted(median[name, i] for i in range(instances))[instances // 2]
+
+        plain = across("plain")
 
         def step_ms(name: str) -> str:
             return f"{1e3 * sum(median[name, i] for i in range(instances)) / instances:.3f} ms"
@@ -325,7 +329,7 @@ def overhead(rounds: int = 200, instances: int = 3) -> None:
         if in_band and not compiled:
             line += f"; hand-written floor {step_ms('floor')}, ratio {ratio('floor', plain)}"
         if compiled:
-            eager = sorted(median["eager plain", i] for i in range(instances))[instances // 2]
+            eager = across("eager plain")
             line += f"; eager plain step {1e3 * eager:.3f} ms, gated / eager plain {ratio('gated', eager)}"
         print(line, flush=True)
         print("  aten ops per step: " + ", ".join(f"{name} {op_count(steps[name, 0])}"

@@ -208,7 +208,6 @@ class BudgetController:
         threshold)."""
         self._last = (self._kept, self._units)
         if self._on_host and self._units is not None and torch.equal(units, self._units):
-            self._units = units
             return
         self._kept, self._units = costs.actual_tensor(self.cost, units) / costs.dense[self.cost], units
 
