@@ -21,7 +21,11 @@ Three measurements:
 
       OMP_NUM_THREADS=1 python bench/bench_training.py overhead
 
-  (wall-time medians: the mean ratio over the copies and its range).
+  (wall-time medians: the mean ratio over the copies and its range), and where the time goes, phase
+  by phase (forward, penalty, backward, optimiser, controller), for the plain step, the gated
+  step and :func:`floor_step`::
+
+      OMP_NUM_THREADS=1 python bench/bench_training.py phases
 
 - ``schedules``: the experiment that chose the gate schedule (README, "The gates"): each
   schedule x task x seed trained with ``lumos.fit(target=0.1)``, reporting the inputs kept
@@ -139,16 +143,50 @@ def schedules(epochs: int = EPOCHS, lr: float = LR, names: list[str] | None = No
               f"{min(fractions):.3f}-{max(fractions):.3f} | {r2[len(r2) // 2]:.3f} ({r2[0]:.3f}) |")
 
 
-def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The step a user writes without lumos: forward, MSE, backward, Adam."""
-    optimizer.zero_grad(set_to_none=True)
+class Laps:
+    """The phases of training steps, timed: :meth:`start` when a step begins, ``laps(name)`` when
+    its phase ``name`` ends (``times[name]``: seconds, one entry per step). A step's phases are
+    those of :data:`PHASES`; the optimiser's hooks mark the end of the backward and of the step."""
+
+    def __init__(self):
+        self.times: dict[str, list[float]] = {}
+        self._last = 0.0
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times.setdefault(name, []).append(now - self._last)
+        self._last = now
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Mark ``backward`` (``zero_grad`` and ``backward``) at the optimiser's step, ``optimizer`` after it."""
+        optimizer.register_step_pre_hook(lambda *_: self("backward"))
+        optimizer.register_step_post_hook(lambda *_: self("optimizer"))
+
+
+# forward (with the gates' sampling and the task loss), penalty (the L0 term), backward
+# (zero_grad and backward), optimizer (its step), controller (the gates' clamp, the lock's
+# measurement, the controller's update)
+PHASES = ("forward", "penalty", "backward", "optimizer", "controller")
+
+
+def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               laps: Laps | None = None) -> torch.Tensor:
+    """The step a user writes without lumos: forward, MSE, backward, Adam (``laps``: timed by phase)."""
+    if laps is not None:
+        laps.start()
     loss = F.mse_loss(model(x), y)
+    if laps is not None:
+        laps("forward")
+    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach()
 
 
-def step_pair(in_band: bool = True, seed: int = 0, compiled: bool = False):
+def step_pair(in_band: bool = True, seed: int = 0, compiled: bool = False, laps: tuple[Laps, Laps] | None = None):
     """``(plain step, gated step)`` closures on the surrogate MLP at batch ``TRAIN_BATCH``.
 
     ``in_band``: the annealing phase, the costliest: every gate inside the stochastic band (so
@@ -157,7 +195,10 @@ def step_pair(in_band: bool = True, seed: int = 0, compiled: bool = False):
     computed; the gates' learning rate is 0 so that they stay in the band however many steps
     are timed (Adam does the same work at any learning rate). Otherwise the warm-up: every gate
     open, masks exactly 1, ``lam = 0``. ``compiled``: both forwards run through
-    ``torch.compile`` (as ``lumos.fit(compile=True)`` runs the gated one).
+    ``torch.compile`` (as ``lumos.fit(compile=True)`` runs the gated one). ``laps``: the plain
+    and the gated step's :class:`Laps`, which time their :data:`PHASES` from the first step on
+    (the gated step's through its loss function, the controller's methods and the optimiser's
+    hooks: :func:`lumos.train_step` runs as it is).
     """
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(TRAIN_BATCH, N_FEATURES, generator=generator)
@@ -178,8 +219,21 @@ def step_pair(in_band: bool = True, seed: int = 0, compiled: bool = False):
             for _, gate in lumos.gates_of(gated):
                 gate.log_alpha.uniform_(-1.0, 1.0)
     plain_forward, gated_forward = (torch.compile(dense), torch.compile(gated)) if compiled else (dense, None)
-    gated_step = lambda: lumos.train_step(gated, (x,), y, gated_optimizer, controller=controller,  # noqa: E731
-                                          forward=gated_forward)
+    loss_fn = F.mse_loss
+    plain_laps, gated_laps = laps if laps is not None else (None, None)
+    if gated_laps is not None:
+        loss_fn = _timed(F.mse_loss, gated_laps, "forward")
+        controller.penalty = _timed(controller.penalty, gated_laps, "penalty")
+        controller.step = _timed(controller.step, gated_laps, "controller")
+        gated_laps.watch(gated_optimizer)
+        plain_laps.watch(plain_optimizer)
+
+    def gated_step() -> torch.Tensor:
+        if gated_laps is not None:
+            gated_laps.start()
+        return lumos.train_step(gated, (x,), y, gated_optimizer, loss_fn=loss_fn, controller=controller,
+                                forward=gated_forward)
+
     gated_step()
     if in_band:
         for name, gate in lumos.gates_of(gated):
@@ -187,10 +241,19 @@ def step_pair(in_band: bool = True, seed: int = 0, compiled: bool = False):
             assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
         gated_step()
         assert controller.lam > 0, "the bench's annealing step must carry the penalty"
-    return (lambda: plain_step(plain_forward, plain_optimizer, x, y)), gated_step
+    return (lambda: plain_step(plain_forward, plain_optimizer, x, y, plain_laps)), gated_step
 
 
-def floor_step(seed: int = 0):
+def _timed(fn, laps: Laps, name: str):
+    """``fn`` that marks the end of phase ``name`` when it returns."""
+    def timed(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        laps(name)
+        return out
+    return timed
+
+
+def floor_step(seed: int = 0, laps: Laps | None = None):
     """The least an annealing-phase gated step can cost in eager PyTorch: the step of
     :func:`step_pair` (same MLP, data, Adam and gate learning rate 0) written by hand for this one
     model, with what issue 10 asks a step to do and nothing of lumos' generality:
@@ -207,7 +270,7 @@ def floor_step(seed: int = 0):
       float64 matrix product) and a PI update on Python floats; the clamp of the logits.
 
     Its ratio to the plain step bounds what any eager implementation of issue 10's step can reach
-    on this model and machine."""
+    on this model and machine. ``laps``: timed by phase (:data:`PHASES`)."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(TRAIN_BATCH, N_FEATURES, generator=generator)
     y = torch.randn(TRAIN_BATCH, N_OUTPUTS, generator=generator)
@@ -236,6 +299,8 @@ def floor_step(seed: int = 0):
     state = {"lam": 0.5, "integral": 0.5}
 
     def step() -> torch.Tensor:
+        if laps is not None:
+            laps.start()
         u = torch.rand(logits.shape)
         z = torch.sigmoid((torch.logit(u, eps=1e-6) + logits) * 1.5) * 1.2 - 0.1
         masks = z.clamp(logits.detach() >= open_min, logits.detach() > closed_max).split(widths)
@@ -243,9 +308,13 @@ def floor_step(seed: int = 0):
         for linear, m in zip(linears[:-1], masks[1:]):
             h = F.silu(linear(h) * m)
         task = F.mse_loss(linears[-1](h), y)
+        if laps is not None:
+            laps("forward")
         e_in, e_out = torch.addmm(c32, torch.sigmoid(logits - shift)[None], a32)[0].split(layers)
         cost = (e_in * e_out + e_out).sum() / dense_params
         loss = task + (state["lam"] * task.item()) * cost
+        if laps is not None:
+            laps("penalty")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -257,8 +326,12 @@ def floor_step(seed: int = 0):
         error = min(max((cost.item() - 0.2) / 0.2, -1.0), 1.0)
         state["integral"] = min(max(state["integral"] + error, 0.0), 1e3)
         state["lam"] = min(max(state["integral"] + 10.0 * error, 0.0), 1e3)
+        if laps is not None:
+            laps("controller")
         return task.detach()
 
+    if laps is not None:
+        laps.watch(optimizer)
     return step
 
 
@@ -334,6 +407,46 @@ def overhead(rounds: int = 200, instances: int = 3) -> None:
         print(line, flush=True)
         print("  aten ops per step: " + ", ".join(f"{name} {op_count(steps[name, 0])}"
                                                    for name in dict.fromkeys(name for name, _ in steps)), flush=True)
+
+
+def phases(rounds: int = 300, instances: int = 3) -> None:
+    """Where the gated step's time goes, next to the plain step's and the hand-written floor's
+    (:func:`floor_step`): each step's :data:`PHASES`, timed inside the step, gates in the band.
+    ``instances`` copies of each step, all timed once per round in a random order (as
+    :func:`overhead`); a phase's time is the median over the rounds, averaged over the copies."""
+    print(f"batch {TRAIN_BATCH}, {torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.2f}, "
+          f"{rounds} rounds of {instances} instances of each step in random order, gates inside the band", flush=True)
+    laps = {name: [Laps() for _ in range(instances)] for name in ("plain", "lumos", "floor")}
+    steps = []
+    for i in range(instances):
+        plain, gated = step_pair(True, laps=(laps["plain"][i], laps["lumos"][i]))
+        steps += [plain, gated, floor_step(laps=laps["floor"][i])]
+    for _ in range(20):
+        for fn in steps:
+            fn()
+    for each in laps.values():
+        for lap in each:
+            lap.times.clear()
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(steps)
+        for fn in steps:
+            fn()
+
+    def ms(name: str, phase: str) -> float:
+        medians = [sorted(lap.times[phase])[rounds // 2] for lap in laps[name] if phase in lap.times]
+        return 1e3 * sum(medians) / instances if medians else 0.0
+
+    table = {name: {phase: ms(name, phase) for phase in PHASES} for name in laps}
+    total = {name: sum(row.values()) for name, row in table.items()}
+    print("\n| phase | plain (ms) | lumos (ms) | floor (ms) | lumos - plain | floor - plain | lumos - floor |")
+    print("|---|---|---|---|---|---|---|")
+    for phase in PHASES + ("step",):
+        p, g, f = ((total[name] if phase == "step" else table[name][phase]) for name in ("plain", "lumos", "floor"))
+        print(f"| {phase} | {p:.3f} | {g:.3f} | {f:.3f} | {g - p:+.3f} | {f - p:+.3f} | {g - f:+.3f} |")
+    print(f"\nsum of the phases' medians over the plain step's: lumos {total['lumos'] / total['plain']:.3f}x, "
+          f"floor {total['floor'] / total['plain']:.3f}x, lumos over floor {total['lumos'] / total['floor']:.3f}x",
+          flush=True)
 
 
 FRACTIONS = (0.10, 0.05)  # of the dense parameters
@@ -520,7 +633,7 @@ def residual(seeds=(0, 1, 2, 3)) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["schedules", "compare", "overhead", "superres", "residual"])
+    parser.add_argument("what", choices=["schedules", "compare", "overhead", "phases", "superres", "residual"])
     parser.add_argument("--epochs", type=int, default=None, help=f"schedules ({EPOCHS}), superres (40): epochs per run")
     parser.add_argument("--lr", type=float, default=LR, help="schedules: learning rate")
     parser.add_argument("--schedule", action="append", choices=list(SCHEDULES), help="schedules: only these")
@@ -538,6 +651,8 @@ def main(argv=None) -> None:
     elif args.what == "superres":
         superres(args.seeds if args.seeds is not None else tuple(range(10)), args.epochs or 40,
                  args.arm or tuple(SUPERRES_ARMS))
+    elif args.what == "phases":
+        phases()
     else:
         overhead()
 
