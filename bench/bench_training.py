@@ -359,8 +359,9 @@ def overhead(rounds: int = 200, instances: int = 3) -> None:
     where its tensors land) and every round times them all once in a random order, so that load
     from other processes and the order hit every variant alike. The ratio is each gated instance's
     median over the plain instances' median: mean and range over instances. In the band also
-    :func:`floor_step`, the least an eager implementation can cost, and both steps with their
-    forwards through ``torch.compile`` (against the eager plain step too)."""
+    :func:`floor_step`, the least an eager implementation can cost (and the gated step over it,
+    which moves less with the machine's state than either ratio to the plain step), and both steps
+    with their forwards through ``torch.compile`` (against the eager plain step too)."""
     print(f"batch {TRAIN_BATCH}, {torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.2f}, "
           f"{rounds} rounds of {instances} instances of each variant in random order", flush=True)
     for in_band, compiled in ((True, False), (False, False), (True, True)):
@@ -400,7 +401,8 @@ def overhead(rounds: int = 200, instances: int = 3) -> None:
         line += ", both forwards through torch.compile" if compiled else ""
         line += f": plain step {1e3 * plain:.3f} ms, gated step {step_ms('gated')}, ratio {ratio('gated', plain)}"
         if in_band and not compiled:
-            line += f"; hand-written floor {step_ms('floor')}, ratio {ratio('floor', plain)}"
+            line += (f"; hand-written floor {step_ms('floor')}, ratio {ratio('floor', plain)}; "
+                     f"gated / floor {ratio('gated', across('floor'))}")
         if compiled:
             eager = across("eager plain")
             line += f"; eager plain step {1e3 * eager:.3f} ms, gated / eager plain {ratio('gated', eager)}"
