@@ -353,6 +353,26 @@ def op_count(fn) -> int:
     return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
 
 
+def interleaved(steps: dict, rounds: int, warm_up: int = 20, after_warm_up=None) -> dict[object, list[float]]:
+    """Every step of ``steps`` (key -> closure) run ``warm_up`` times, ``after_warm_up()`` called,
+    then ``rounds`` rounds that each run every step once in a random order (seeded), so that load
+    from other processes and the order hit every step alike: the wall time of each call, by key."""
+    for _ in range(warm_up):
+        for fn in steps.values():
+            fn()
+    if after_warm_up is not None:
+        after_warm_up()
+    wall = {key: [] for key in steps}
+    order, shuffle = list(steps), random.Random(0).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for key in order:
+            start = time.perf_counter()
+            steps[key]()
+            wall[key].append(time.perf_counter() - start)
+    return wall
+
+
 def overhead(rounds: int = 200, instances: int = 3) -> None:
     """Gated over plain step time. Each variant is built ``instances`` times (the same numbers,
     other memory: the same step on another copy of the model runs up to 2% faster or slower, from
@@ -372,17 +392,7 @@ def overhead(rounds: int = 200, instances: int = 3) -> None:
                 steps["floor", i] = floor_step()
             if compiled:
                 steps["eager plain", i] = step_pair(in_band)[0]
-        for _ in range(20):
-            for fn in steps.values():
-                fn()
-        wall = {key: [] for key in steps}
-        order, shuffle = list(steps), random.Random(0).shuffle
-        for _ in range(rounds):
-            shuffle(order)
-            for key in order:
-                start = time.perf_counter()
-                steps[key]()
-                wall[key].append(time.perf_counter() - start)
+        wall = interleaved(steps, rounds)
         median = {key: sorted(t)[len(t) // 2] for key, t in wall.items()}
 
         def across(name: str) -> float:  # the middle copy's median
@@ -419,21 +429,16 @@ def phases(rounds: int = 300, instances: int = 3) -> None:
     print(f"batch {TRAIN_BATCH}, {torch.get_num_threads()} torch threads, load {os.getloadavg()[0]:.2f}, "
           f"{rounds} rounds of {instances} instances of each step in random order, gates inside the band", flush=True)
     laps = {name: [Laps() for _ in range(instances)] for name in ("plain", "lumos", "floor")}
-    steps = []
+    steps = {}
     for i in range(instances):
-        plain, gated = step_pair(True, laps=(laps["plain"][i], laps["lumos"][i]))
-        steps += [plain, gated, floor_step(laps=laps["floor"][i])]
-    for _ in range(20):
-        for fn in steps:
-            fn()
-    for each in laps.values():
-        for lap in each:
+        steps["plain", i], steps["lumos", i] = step_pair(True, laps=(laps["plain"][i], laps["lumos"][i]))
+        steps["floor", i] = floor_step(laps=laps["floor"][i])
+
+    def forget_warm_up() -> None:
+        for lap in (lap for each in laps.values() for lap in each):
             lap.times.clear()
-    shuffle = random.Random(0).shuffle
-    for _ in range(rounds):
-        shuffle(steps)
-        for fn in steps:
-            fn()
+
+    interleaved(steps, rounds, after_warm_up=forget_warm_up)
 
     def ms(name: str, phase: str) -> float:
         medians = [sorted(lap.times[phase])[rounds // 2] for lap in laps[name] if phase in lap.times]
